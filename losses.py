@@ -1,0 +1,163 @@
+"""Losses and metrics of the two-stage WBC system (SPEC sections 2-4).
+
+Both training scripts and evaluate.py import from here, so every number the repo prints is
+computed by one function that test_losses.py checks by hand on tiny tensors.
+
+Stage 1 (masker), logits and targets (B, 1, H, W):
+    bce(logits, target)         mean binary cross-entropy
+    center_bce(logits, target)  mean(w * BCE), w = 1 - d/d_max rescaled to mean 1 (the report's loss)
+Stage 2 (classifier), logit map L (B, C, h, w) from resnet_cls.py:
+    mask_weighted_ce(L, y, mask, alpha, class_w)   the report's (a1*mask + a2) weighted loss
+    class_weights(counts)                           1/count, rescaled to mean 1 (--balance)
+Metrics: confusion_matrix, classification_metrics, mask_counts, mask_metrics.
+"""
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------- stage 1 losses
+
+def bce(logits, target):
+    """Mean binary cross-entropy. logits, target: (B, 1, H, W); target in {0, 1}."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+def center_weights(h, w, device=None):
+    """(h, w) weights 1 - d/d_max, rescaled to mean 1.
+
+    d is the distance from a pixel centre to the image centre, d_max that of a corner pixel,
+    so the corner pixels weigh 0 and the centre, where the cell sits, weighs most.
+    """
+    ys = torch.arange(h, device=device, dtype=torch.float32) + 0.5 - h / 2
+    xs = torch.arange(w, device=device, dtype=torch.float32) + 0.5 - w / 2
+    d = torch.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2)
+    d_max = d[0, 0]
+    if d_max == 0:  # a 1x1 image: its only pixel is the centre
+        return torch.ones(h, w, device=device)
+    weight = 1 - d / d_max
+    return weight / weight.mean()
+
+
+def center_bce(logits, target):
+    """mean(w * BCE) with w = center_weights(H, W). logits, target: (B, 1, H, W)."""
+    per_pixel = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    return (per_pixel * center_weights(*logits.shape[-2:], device=logits.device)).mean()
+
+
+MASKER_LOSSES = {"bce": bce, "center": center_bce}
+
+
+# ---------------------------------------------------------------------------- stage 2 losses
+
+def check_alpha(a1, a2):
+    """Raise ValueError unless w = a1*m + a2 is >= 0 for every m in [0, 1] and not always 0."""
+    if a2 < 0 or a1 + a2 < 0:
+        raise ValueError(f"alpha ({a1:g}, {a2:g}) gives negative weights (a1*m + a2 must be >= 0 "
+                         f"for every m in [0, 1]: need a2 >= 0 and a1 + a2 >= 0)")
+    if a1 == 0 and a2 == 0:
+        raise ValueError("alpha (0, 0) weighs every location 0: nothing would be learned")
+
+
+def mask_weighted_ce(logit_map, labels, mask, alpha, class_w=None):
+    """The report's (a1*mask + a2) weighted cross-entropy.
+
+    logit_map (B, C, h, w); labels (B,) int; mask (B, 1, H, W) in [0, 1]; alpha (a1, a2);
+    class_w (C,) or None. Returns (loss, n_empty): n_empty counts the samples whose weights
+    sum to 0 (e.g. an empty mask under (1, 0)); they add nothing to the loss and are left
+    out of its denominator. A tensor, so counting costs no host sync.
+    """
+    a1, a2 = alpha
+    b, _, h, w = logit_map.shape
+    m = F.adaptive_avg_pool2d(mask.float(), (h, w))[:, 0]           # (B, h, w) cell fraction
+    weight = a1 * m + a2                                            # (B, h, w)
+    ce = F.cross_entropy(logit_map.float(), labels[:, None, None].expand(b, h, w),
+                         reduction="none")                          # (B, h, w)
+    weight_sum = weight.sum((1, 2))                                 # (B,)
+    per_sample = (weight * ce).sum((1, 2)) / weight_sum.clamp_min(1e-12)
+    sample_w = torch.ones_like(per_sample) if class_w is None else class_w[labels].float()
+    sample_w = sample_w * (weight_sum > 0)
+    loss = (sample_w * per_sample).sum() / sample_w.sum().clamp_min(1e-12)
+    return loss, (weight_sum <= 0).sum()
+
+
+def weighted_ce(logits, labels, class_w=None):
+    """Cross-entropy on pooled logits (B, C), each sample weighted by class_w[y], normalised by
+    sum of those weights: the no-mask baseline, and mask_weighted_ce's limit for alpha (0, 1)."""
+    return F.cross_entropy(logits.float(), labels, weight=None if class_w is None else class_w.float())
+
+
+def class_weights(counts):
+    """(C,) float: 1/count for each class, rescaled to mean 1 over the classes present.
+
+    counts: sequence of training-image counts per class. A class with no training image gets
+    weight 0 (it can't be predicted anyway) instead of an infinite one.
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float32)
+    present = counts > 0
+    if not present.any():
+        raise ValueError("class_weights: every class count is 0")
+    weight = torch.zeros_like(counts)
+    weight[present] = 1 / counts[present]
+    return weight / weight[present].mean()
+
+
+# ---------------------------------------------------------------------------- metrics
+
+def confusion_matrix(labels, preds, num_classes):
+    """(C, C) int64 counts; rows are true classes, columns predictions."""
+    idx = labels.long().cpu() * num_classes + preds.long().cpu()
+    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def classification_metrics(confusion, classes):
+    """Plain-float metrics from a (C, C) confusion matrix (rows true).
+
+    per_class_error is None for a class with no true sample; the std of the per-class errors is
+    the population std over classes with samples (it reproduces the report's 6.45 and 3.79).
+    majority_baseline is the accuracy of always predicting the most frequent true class.
+    macro_f1 averages over classes that occur as truth or prediction (as scikit-learn does).
+    """
+    conf = confusion.double()
+    support, predicted, correct = conf.sum(1), conf.sum(0), conf.diag()
+    total = support.sum().item()
+    if total == 0:
+        raise ValueError("classification_metrics: empty confusion matrix")
+    has = support > 0
+    recall = torch.where(has, correct / support.clamp_min(1), torch.zeros_like(correct))
+    precision = torch.where(predicted > 0, correct / predicted.clamp_min(1), torch.zeros_like(correct))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12),
+                     torch.zeros_like(correct))
+    occurs = has | (predicted > 0)
+    errors = 1 - recall[has]
+    return {
+        "n": int(total),
+        "accuracy": correct.sum().item() / total,
+        "weighted_mean_error": 1 - correct.sum().item() / total,
+        "per_class_error": {c: (1 - recall[i].item()) if has[i] else None for i, c in enumerate(classes)},
+        "per_class_error_std": errors.std(unbiased=False).item(),
+        "balanced_accuracy": recall[has].mean().item(),
+        "macro_f1": f1[occurs].mean().item(),
+        "majority_baseline": support.max().item() / total,
+        "support": {c: int(support[i]) for i, c in enumerate(classes)},
+        "confusion": confusion.long().tolist(),
+    }
+
+
+def mask_counts(pred, target):
+    """(4,) int64 [tp, fp, fn, tn] of the cell class; pred, target: bool tensors of one shape."""
+    pred, target = pred.bool(), target.bool()
+    return torch.stack([(pred & target).sum(), (pred & ~target).sum(),
+                        (~pred & target).sum(), (~pred & ~target).sum()])
+
+
+def mask_metrics(counts):
+    """pixel_error, iou, dice of the cell class from [tp, fp, fn, tn] counts (plain floats).
+    IoU and Dice are 1 when neither prediction nor truth has a cell pixel."""
+    tp, fp, fn, tn = (float(c) for c in counts)
+    total = tp + fp + fn + tn
+    if total == 0:
+        raise ValueError("mask_metrics: no pixels counted")
+    union = tp + fp + fn
+    return {"pixel_error": (fp + fn) / total,
+            "iou": tp / union if union else 1.0,
+            "dice": 2 * tp / (2 * tp + fp + fn) if union else 1.0}

@@ -1,0 +1,107 @@
+"""Stage 2 model: torchvision's ResNet34 with a C-way fc, and a logit map (SPEC section 3).
+
+Input (B, 3, H, W) normalised RGB, or (B, 4, H, W) with the mask as 4th channel
+(--mask-mode channel); any H, W >= 32. Output of forward: (B, C) logits.
+forward_map gives the logit map L (B, C, H/32, W/32): the fc applied as a 1x1 convolution to
+the last feature map. Because the fc is linear, the spatial mean of L equals torchvision's
+avgpool -> fc exactly, so a model trained with the mask-weighted loss needs no mask at inference.
+
+Weights: resnet34_state_dict() gives ImageNet weights (torchvision's weights API, downloads once)
+or a local torchvision-format state dict file; both load here and into unet.py's encoder
+unchanged, the fc dropped.
+"""
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models import ResNet34_Weights, resnet34
+
+
+def resnet34_state_dict(pretrained=False, weights_file=None):
+    """A torchvision resnet34 state dict (ImageNet or from a file), or None for random init."""
+    if weights_file is not None:
+        path = Path(weights_file)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise SystemExit(f"--weights {path}: file not found") from None
+        except Exception as e:  # pickle, zip and EOF errors: the message says which
+            raise SystemExit(f"--weights {path}: not a readable torch state dict ({type(e).__name__}: {e})") from None
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]  # accept a checkpoint dict that holds the state dict
+        if not isinstance(state, dict) or "conv1.weight" not in state:
+            raise SystemExit(f"--weights {path}: not a torchvision resnet34 state dict (no conv1.weight)")
+        return state
+    if pretrained:
+        try:
+            return ResNet34_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+        except Exception as e:  # URLError, socket errors: no internet
+            raise SystemExit("--pretrained: could not get ImageNet weights from torchvision "
+                             f"({type(e).__name__}: {e}). Offline? Download "
+                             f"{ResNet34_Weights.IMAGENET1K_V1.url} elsewhere and pass --weights FILE.") from None
+    return None
+
+
+def load_backbone(module, state, source="state dict"):
+    """Load a torchvision resnet34 state dict into `module` (a torchvision ResNet), fc excluded.
+
+    conv1 may have a 4th input channel: its RGB filters come from `state`, the 4th stays as is.
+    Raises SystemExit naming `source` when keys or shapes don't match.
+    """
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    conv1 = state.get("conv1.weight")
+    own_conv1 = module.conv1.weight
+    if conv1 is not None and conv1.shape != own_conv1.shape and conv1.shape[1] < own_conv1.shape[1]:
+        widened = own_conv1.detach().clone()
+        widened[:, :conv1.shape[1]] = conv1
+        state["conv1.weight"] = widened
+    own = {k for k in module.state_dict() if not k.startswith("fc.")}
+    missing, unexpected = sorted(own - state.keys()), sorted(state.keys() - own)
+    if missing or unexpected:
+        raise SystemExit(f"{source}: not a resnet34 backbone (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        module.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise SystemExit(f"{source}: shapes don't match resnet34 ({str(e).splitlines()[-1].strip()})") from None
+
+
+class ResNetClassifier(nn.Module):
+    """torchvision resnet34 (as `backbone`, its key names unchanged) with a num_classes fc."""
+
+    def __init__(self, num_classes=5, in_channels=3):
+        super().__init__()
+        self.backbone = resnet34(num_classes=num_classes)
+        if in_channels != 3:
+            # the mask channel gets its own filter, zero at start so pretrained RGB filters
+            # behave exactly as before until training finds a use for the mask
+            conv = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            with torch.no_grad():
+                conv.weight.zero_()
+                conv.weight[:, :3] = self.backbone.conv1.weight
+            self.backbone.conv1 = conv
+        self.in_channels = in_channels
+
+    def features(self, x):
+        """(B, in_channels, H, W) -> (B, 512, H/32, W/32)."""
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+
+    def forward_map(self, x):
+        """(B, in_channels, H, W) -> logit map (B, C, H/32, W/32)."""
+        fc = self.backbone.fc
+        return F.conv2d(self.features(x), fc.weight[:, :, None, None], fc.bias)
+
+    def forward(self, x):
+        """(B, in_channels, H, W) -> logits (B, C): the spatial mean of the logit map."""
+        return self.forward_map(x).mean((2, 3))
+
+
+def build_classifier(num_classes, in_channels=3, pretrained=False, weights_file=None):
+    """A ResNetClassifier, its backbone initialised from ImageNet or a file when asked."""
+    model = ResNetClassifier(num_classes, in_channels)
+    state = resnet34_state_dict(pretrained, weights_file)
+    if state is not None:
+        load_backbone(model.backbone, state, source=str(weights_file or "ImageNet weights"))
+    return model

@@ -1,0 +1,212 @@
+"""Stage 1: train the UNet mask generator, then draw a mask for every image (SPEC section 2).
+
+    python train_masker.py --split 10                 # WBC_10's masks, center loss, 224 px
+    python train_masker.py --split 100 --pretrain     # CAM16 masks first, then WBC_100's
+
+Writes to --out (default runs/masker_WBC_<split>): checkpoint.pt, log.csv, metrics.json, and
+masks/{train,val}/<Class>/<stem>.png (0/255, the image's own size) for every image of
+WBC_<split>/train and WBC_100/val; train_classifier.py reads them from there.
+"""
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data import (SPLITS, DataError, augment, batch_indices, load_checkpoint, load_set, normalize, pick_device,
+                  precision, save_checkpoint, save_json, save_mask_png, seed_everything, split_epochs, to_float,
+                  wbc_dirs)
+from losses import MASKER_LOSSES, mask_counts, mask_metrics
+from unet import build_unet
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="data", help="dataset root in the SPEC layout")
+    g.add_argument("--split", type=int, default=10, choices=SPLITS, help="train on the masks of WBC_<split>")
+    g.add_argument("--size", type=int, default=224, help="working size in px (a multiple of 32)")
+    g.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of the training masks held out for scoring, used only when WBC_100/val/mask "
+                        "does not exist")
+    g.add_argument("--cache", default=None, help="decoded-image cache folder (default DATA/.cache; 'none' = off)")
+    g.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
+    g = p.add_argument_group("model and loss")
+    g.add_argument("--loss", default="center", choices=sorted(MASKER_LOSSES), help="center-weighted or plain BCE")
+    g.add_argument("--pretrain", action="store_true", help="train on CAM16's masks before WBC's")
+    g.add_argument("--pretrain-epochs", type=int, default=10, help="epochs on CAM16 with --pretrain")
+    g.add_argument("--pretrained", action="store_true", help="ImageNet encoder (torchvision download)")
+    g.add_argument("--weights", default=None, help="local torchvision resnet34 state dict for the encoder")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=40,
+                   help="epochs for WBC_100's masks; smaller splits get more so every split sees as many images")
+    g.add_argument("--batch-size", type=int, default=16, help="images per step")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to 0)")
+    g.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is cell")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+                   help="autocast precision (auto: bf16 where the device runs it fast, else off)")
+    g.add_argument("--dry-run", action="store_true", help="one batch per epoch, one epoch: checks the pipeline")
+    g.add_argument("--out", default=None, help="output folder (default runs/masker_WBC_<split>)")
+    args = p.parse_args(argv)
+    if args.size % 32:
+        p.error(f"--size {args.size}: the UNet needs a multiple of 32")
+    if args.lr <= 0 or args.epochs < 1 or args.batch_size < 1:
+        p.error("--lr, --epochs and --batch-size must be positive")
+    if not 0 <= args.holdout < 1:
+        p.error("--holdout is a fraction in [0, 1)")
+    if args.pretrained and args.weights:
+        p.error("--pretrained and --weights both set the encoder's weights: pick one")
+    args.out = Path(args.out or f"runs/masker_WBC_{args.split}")
+    return args
+
+
+def train_one_epoch(model, images, masks, loss_fn, optimizer, batch_size, device, amp, max_batches=None):
+    """One pass over (images (N, 3, S, S) uint8, masks (N, 1, S, S) uint8). Returns loss, pixel error, img/s."""
+    model.train()
+    total_loss = torch.zeros((), device=device)
+    wrong = torch.zeros((), device=device)
+    seen, start = 0, time.perf_counter()
+    for step, idx in enumerate(batch_indices(len(images), batch_size, shuffle=True)):
+        if max_batches is not None and step >= max_batches:
+            break
+        x, m = augment(to_float(images[idx], device), to_float(masks[idx], device).mul_(255))
+        x = normalize(x).contiguous(memory_format=torch.channels_last)
+        with amp:
+            logits = model(x)
+        loss = loss_fn(logits, m)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.detach() * len(idx)
+        wrong += ((logits.detach() > 0) != (m > 0.5)).float().mean((1, 2, 3)).sum()
+        seen += len(idx)
+    elapsed = time.perf_counter() - start
+    return total_loss.item() / seen, wrong.item() / seen, seen / elapsed   # one host sync per epoch
+
+
+@torch.inference_mode()
+def predict(model, images, batch_size, device, amp):
+    """(N, 3, S, S) uint8 -> (N, 1, S, S) float cell probabilities."""
+    model.eval()
+    out = []
+    for idx in batch_indices(len(images), batch_size, shuffle=False):
+        x = normalize(to_float(images[idx], device)).contiguous(memory_format=torch.channels_last)
+        with amp:
+            out.append(torch.sigmoid(model(x).float()).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 1, *images.shape[-2:])
+
+
+def score(model, images, masks, batch_size, device, amp, threshold):
+    """pixel_error, iou, dice of predicted vs true masks at the working size."""
+    prob = predict(model, images, batch_size, device, amp)
+    return mask_metrics(mask_counts(prob > threshold, masks > 0))
+
+
+def write_masks(model, image_set, folder, batch_size, device, amp, threshold):
+    """A 0/255 PNG at folder/<Class>/<stem>.png for every image, at the image's own size."""
+    prob = predict(model, image_set.images, batch_size * 2, device, amp)
+    for i, path in enumerate(image_set.paths):
+        w, h = image_set.sizes[i]
+        full = F.interpolate(prob[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        save_mask_png(full > threshold, Path(folder) / image_set.classes[image_set.labels[i]] / f"{path.stem}.png")
+    return len(image_set.paths)
+
+
+def fit(model, stage, images, masks, epochs, args, device, amp, log_rows):
+    """Adam + cosine decay over `epochs`; one log line (and CSV row) per epoch."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    loss_fn = MASKER_LOSSES[args.loss]
+    for epoch in range(1, epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        loss, err, speed = train_one_epoch(model, images, masks, loss_fn, optimizer, args.batch_size, device, amp,
+                                           max_batches=1 if args.dry_run else None)
+        scheduler.step()
+        print(f"{stage} epoch {epoch}/{epochs} | loss {loss:.4f} | pixel error {100 * err:.2f}% | "
+              f"lr {lr:.2e} | {speed:.0f} img/s", flush=True)
+        log_rows.append({"stage": stage, "epoch": epoch, "loss": loss, "pixel_error": err, "lr": lr, "img_s": speed})
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    amp, amp_name = precision(device, args.amp)
+    cache = None if args.cache == "none" else Path(args.cache or Path(args.data) / ".cache")
+    print(f"device {device} | autocast {amp_name} | size {args.size} | loss {args.loss} | out {args.out}")
+
+    # 1. data: the masks of WBC_<split> (and CAM16's), a held-out set, every image to draw a mask for
+    dirs = wbc_dirs(args.data, args.split)
+    train_all = load_set(dirs["train_data"], args.size, mask_dirs=[dirs["train_mask"]], cache_dir=cache,
+                         skip_bad=args.skip_bad)
+    val_all = load_set(dirs["val_data"], args.size, classes=train_all.classes, mask_dirs=[dirs["val_mask"]],
+                       cache_dir=cache, skip_bad=args.skip_bad)
+    labelled = train_all.subset(train_all.has_mask)
+    if len(labelled) == 0:
+        raise DataError(f"{dirs['train_mask']}: no masks matching images of {dirs['train_data']} "
+                        f"(expected <Class>/<stem>.png beside the images' <Class>/<stem>.<ext>)")
+    if val_all.has_mask.any():
+        held_out, held_name = val_all.subset(val_all.has_mask), "WBC_100/val/mask"
+    elif args.holdout > 0:
+        order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(args.seed))
+        n_out = max(1, round(args.holdout * len(labelled)))
+        keep = torch.zeros(len(labelled), dtype=torch.bool)
+        keep[order[n_out:]] = True
+        held_out, labelled, held_name = labelled.subset(~keep), labelled.subset(keep), f"--holdout {args.holdout}"
+    else:
+        held_out, held_name = None, None
+    n_full = len(list(Path(args.data, "WBC_100", "train", "mask").glob("*/*"))) or len(labelled)
+    epochs = 1 if args.dry_run else split_epochs(args.epochs, len(labelled), n_full)
+    print(f"fine-tune on {len(labelled)} masks of WBC_{args.split} for {epochs} epochs"
+          + (f"; held out: {len(held_out)} masks ({held_name})" if held_out is not None else "; no held-out masks"))
+
+    # 2. model
+    model = build_unet(args.pretrained, args.weights).to(device, memory_format=torch.channels_last)
+
+    # 3-4. loss, optimizer and loop: CAM16 pretraining, then WBC fine-tuning
+    log_rows = []
+    if args.pretrain:
+        cam = load_set(Path(args.data, "CAM16", "train", "data"), args.size,
+                       mask_dirs=[Path(args.data, "CAM16", "train", "mask")], cache_dir=cache, skip_bad=args.skip_bad)
+        cam = cam.subset(cam.has_mask)
+        if len(cam) == 0:
+            raise DataError(f"{Path(args.data, 'CAM16', 'train', 'mask')}: --pretrain found no CAM16 masks")
+        print(f"pretrain on {len(cam)} CAM16 masks for {args.pretrain_epochs} epochs")
+        fit(model, "cam16", cam.images, cam.masks, 1 if args.dry_run else args.pretrain_epochs, args, device, amp,
+            log_rows)
+    fit(model, "wbc", labelled.images, labelled.masks, epochs, args, device, amp, log_rows)
+
+    # 5. scores, checkpoint, masks for every image
+    metrics = {"train": score(model, labelled.images, labelled.masks, args.batch_size, device, amp, args.threshold)}
+    if held_out is not None:
+        metrics["held_out"] = score(model, held_out.images, held_out.masks, args.batch_size, device, amp,
+                                    args.threshold)
+    metrics.update(split=args.split, loss=args.loss, pretrain=args.pretrain, n_masks=len(labelled), epochs=epochs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"kind": "masker", "model": model.state_dict(), "args": vars(args) | {"out": str(args.out)},
+                     "epoch": epochs, "metrics": metrics}, args.out / "checkpoint.pt")
+    with open(args.out / "log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(log_rows[0]))
+        writer.writeheader()
+        writer.writerows(log_rows)
+    n_train = write_masks(model, train_all, args.out / "masks" / "train", args.batch_size, device, amp,
+                          args.threshold)
+    n_val = write_masks(model, val_all, args.out / "masks" / "val", args.batch_size, device, amp, args.threshold)
+    save_json(metrics, args.out / "metrics.json")
+    for name, m in metrics.items():
+        if isinstance(m, dict):
+            print(f"{name}: pixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | Dice {m['dice']:.3f}")
+    print(f"wrote {args.out / 'checkpoint.pt'}, {args.out / 'metrics.json'}, {args.out / 'log.csv'} and "
+          f"{n_train} + {n_val} masks under {args.out / 'masks'}/{{train,val}}")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
