@@ -15,6 +15,8 @@ ROOT/.cache); a second run reads the cache instead of decoding again.
 """
 import argparse
 import contextlib
+import csv
+import io
 import hashlib
 import json
 import os
@@ -338,6 +340,32 @@ def normalize(x):
     return (x - mean) / std
 
 
+def make_batch(images, masks, idx, device, train, mask_channel=False):
+    """Batch `idx` of uint8 images (N, 3, S, S) and masks (N, 1, S, S) or None, on `device`:
+    x (B, 3 or 4, S, S) normalised, channels_last, augmented when `train`, the mask appended as
+    4th channel when `mask_channel`; and m (B, 1, S, S) float 0/1 or None."""
+    x = to_float(images[idx], device)
+    m = None if masks is None else masks[idx].to(device, non_blocking=True).float()
+    if train:
+        x, m = augment(x, m)
+    x = normalize(x)
+    if mask_channel:
+        x = torch.cat([x, m], dim=1)
+    return x.contiguous(memory_format=torch.channels_last), m
+
+
+@torch.inference_mode()
+def infer(model, images, masks=None, batch_size=64, device="cpu", amp=contextlib.nullcontext(), mask_channel=False):
+    """model(x) in eval mode for every image, in order: float outputs (N, ...) on the CPU."""
+    model.eval()
+    out = []
+    for idx in batch_indices(len(images), batch_size, shuffle=False):
+        x, _ = make_batch(images, masks if mask_channel else None, idx, device, False, mask_channel)
+        with amp:
+            out.append(model(x).float().cpu())
+    return torch.cat(out)
+
+
 def augment(x, m=None, crop=(0.75, 1.0), jitter=0.2):
     """Random crop (a zoom to a random square of side `crop` of the image, random position,
     resized back), horizontal and vertical flips, then brightness/contrast/saturation jitter.
@@ -393,6 +421,17 @@ def save_checkpoint(obj, path):
 
 def save_json(obj, path):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def save_csv(rows, path):
+    """A list of same-keyed dicts -> CSV with a header row, atomically."""
+    def write(f):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        f.write(text.getvalue().encode())
+    atomic_write(path, write)
 
 
 def save_mask_png(mask, path):

@@ -10,15 +10,14 @@ Writes to --out: checkpoint.pt (last epoch), log.csv (one row per epoch) and met
 (evaluate.py's report on WBC_100/val).
 """
 import argparse
-import csv
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from data import (SPLITS, DataError, augment, batch_indices, load_checkpoint, load_set, normalize, pick_device,
-                  precision, save_checkpoint, save_json, seed_everything, split_epochs, to_float, wbc_dirs)
+from data import (SPLITS, DataError, batch_indices, infer, load_checkpoint, load_set, make_batch, pick_device,
+                  precision, save_checkpoint, save_csv, save_json, seed_everything, split_epochs, wbc_dirs)
 from losses import check_alpha, class_weights, classification_metrics, confusion_matrix, mask_weighted_ce, weighted_ce
 from resnet_cls import build_classifier, load_backbone
 
@@ -79,18 +78,6 @@ def setting_name(alpha, mask_mode, balance):
     return name + ("_balance" if balance else "")
 
 
-def model_input(images, masks, idx, device, channel, train):
-    """Batch `idx` on `device`: normalised (B, 3 or 4, S, S) input and the (B, 1, S, S) mask or None."""
-    x = to_float(images[idx], device)
-    m = None if masks is None else masks[idx].to(device, non_blocking=True).float()
-    if train:
-        x, m = augment(x, m)
-    x = normalize(x)
-    if channel:
-        x = torch.cat([x, m], dim=1)
-    return x.contiguous(memory_format=torch.channels_last), m
-
-
 def train_one_epoch(model, data, optimizer, alpha, class_w, channel, batch_size, device, amp, max_batches=None):
     """One pass over `data` (an ImageSet whose masks are complete when alpha or channel need them).
     Returns mean loss, accuracy, img/s and the count of samples whose mask weights summed to 0."""
@@ -101,7 +88,7 @@ def train_one_epoch(model, data, optimizer, alpha, class_w, channel, batch_size,
     for step, idx in enumerate(batch_indices(len(data), batch_size, shuffle=True, drop_last=drop_last)):
         if max_batches is not None and step >= max_batches:
             break
-        x, m = model_input(data.images, data.masks, idx, device, channel, train=True)
+        x, m = make_batch(data.images, data.masks, idx, device, train=True, mask_channel=channel)
         y = data.labels[idx].to(device, non_blocking=True)
         with amp:
             logit_map = model.forward_map(x)                              # (B, C, h, w)
@@ -121,21 +108,9 @@ def train_one_epoch(model, data, optimizer, alpha, class_w, channel, batch_size,
     return total_loss.item() / seen, correct.item() / seen, seen / elapsed, int(empty.item())
 
 
-@torch.inference_mode()
-def predict(model, images, masks, batch_size, device, amp, channel):
-    """Pooled logits (N, C) for uint8 images (N, 3, S, S) (+ masks (N, 1, S, S) in channel mode)."""
-    model.eval()
-    out = []
-    for idx in batch_indices(len(images), batch_size, shuffle=False):
-        x, _ = model_input(images, masks, idx, device, channel, train=False)
-        with amp:
-            out.append(model(x).float().cpu())
-    return torch.cat(out)
-
-
 def evaluate(model, data, batch_size, device, amp, channel):
     """Plain cross-entropy and accuracy on `data`, and its predictions (N,)."""
-    logits = predict(model, data.images, data.masks if channel else None, batch_size, device, amp, channel)
+    logits = infer(model, data.images, data.masks, batch_size, device, amp, mask_channel=channel)
     preds = logits.argmax(1)
     return F.cross_entropy(logits, data.labels).item(), (preds == data.labels).float().mean().item(), preds
 
@@ -213,10 +188,7 @@ def main(argv=None):
                      "scheduler": scheduler.state_dict(), "epoch": epochs,
                      "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "classes": train.classes, "metrics": metrics}, args.out / "checkpoint.pt")
-    with open(args.out / "log.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(log_rows[0]))
-        writer.writeheader()
-        writer.writerows(log_rows)
+    save_csv(log_rows, args.out / "log.csv")
     save_json(metrics, args.out / "metrics.json")
     print(f"val accuracy {100 * metrics['accuracy']:.2f}% | balanced {100 * metrics['balanced_accuracy']:.2f}% | "
           f"macro F1 {metrics['macro_f1']:.3f} | majority baseline {100 * metrics['majority_baseline']:.2f}%")

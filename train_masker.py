@@ -8,16 +8,14 @@ masks/{train,val}/<Class>/<stem>.png (0/255, the image's own size) for every ima
 WBC_<split>/train and WBC_100/val; train_classifier.py reads them from there.
 """
 import argparse
-import csv
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from data import (SPLITS, DataError, augment, batch_indices, load_checkpoint, load_set, normalize, pick_device,
-                  precision, save_checkpoint, save_json, save_mask_png, seed_everything, split_epochs, to_float,
-                  wbc_dirs)
+from data import (SPLITS, DataError, batch_indices, infer, load_set, make_batch, pick_device, precision,
+                  save_checkpoint, save_csv, save_json, save_mask_png, seed_everything, split_epochs, wbc_dirs)
 from losses import MASKER_LOSSES, mask_counts, mask_metrics
 from unet import build_unet
 
@@ -73,8 +71,7 @@ def train_one_epoch(model, images, masks, loss_fn, optimizer, batch_size, device
     for step, idx in enumerate(batch_indices(len(images), batch_size, shuffle=True)):
         if max_batches is not None and step >= max_batches:
             break
-        x, m = augment(to_float(images[idx], device), to_float(masks[idx], device).mul_(255))
-        x = normalize(x).contiguous(memory_format=torch.channels_last)
+        x, m = make_batch(images, masks, idx, device, train=True)
         with amp:
             logits = model(x)
         loss = loss_fn(logits, m)
@@ -88,16 +85,9 @@ def train_one_epoch(model, images, masks, loss_fn, optimizer, batch_size, device
     return total_loss.item() / seen, wrong.item() / seen, seen / elapsed   # one host sync per epoch
 
 
-@torch.inference_mode()
 def predict(model, images, batch_size, device, amp):
     """(N, 3, S, S) uint8 -> (N, 1, S, S) float cell probabilities."""
-    model.eval()
-    out = []
-    for idx in batch_indices(len(images), batch_size, shuffle=False):
-        x = normalize(to_float(images[idx], device)).contiguous(memory_format=torch.channels_last)
-        with amp:
-            out.append(torch.sigmoid(model(x).float()).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 1, *images.shape[-2:])
+    return torch.sigmoid(infer(model, images, batch_size=batch_size, device=device, amp=amp))
 
 
 def score(model, images, masks, batch_size, device, amp, threshold):
@@ -189,10 +179,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     save_checkpoint({"kind": "masker", "model": model.state_dict(), "args": vars(args) | {"out": str(args.out)},
                      "epoch": epochs, "metrics": metrics}, args.out / "checkpoint.pt")
-    with open(args.out / "log.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(log_rows[0]))
-        writer.writeheader()
-        writer.writerows(log_rows)
+    save_csv(log_rows, args.out / "log.csv")
     n_train = write_masks(model, train_all, args.out / "masks" / "train", args.batch_size, device, amp,
                           args.threshold)
     n_val = write_masks(model, val_all, args.out / "masks" / "val", args.batch_size, device, amp, args.threshold)

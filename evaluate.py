@@ -1,0 +1,169 @@
+"""Score a classifier or a masker (SPEC section 4).
+
+    python evaluate.py runs/classifier_WBC_10_alpha-1_1/checkpoint.pt             # on DATA/WBC_100/val
+    python evaluate.py CKPT --data some/other/<Class>/<image>/folder --json r.json # any class folder
+    python evaluate.py runs/masker_WBC_10/checkpoint.pt                            # on WBC_100/val/mask
+    python evaluate.py --pred-masks runs/masker_WBC_10/masks/val --true-masks data/WBC_100/val/mask
+
+Classifier: the report's per-class error table (error per class, weighted mean, std), accuracy,
+balanced accuracy, macro F1, the majority baseline and the confusion matrix.
+Masker: pixel error, IoU and Dice of the cell class. --json writes the same numbers.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+from data import (DataError, decode_all, infer, load_checkpoint, load_set, pick_device, precision, save_json,
+                  scan_folder)
+from losses import classification_metrics, confusion_matrix, mask_counts, mask_metrics
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint.pt of train_classifier.py or train_masker.py")
+    p.add_argument("--data", default=None,
+                   help="dataset root (scores WBC_100/val) or a <Class>/<image> folder (default: the run's --data)")
+    p.add_argument("--masks", default=None,
+                   help="mask folder <Class>/<stem>.png of the scored images, for a --mask-mode channel classifier "
+                        "(default: the run's masks/val)")
+    p.add_argument("--pred-masks", default=None, help="folder of predicted masks <Class>/<stem>.png")
+    p.add_argument("--true-masks", default=None, help="folder of ground-truth masks <Class>/<stem>.<ext>")
+    p.add_argument("--size", type=int, default=None, help="working size (default: the checkpoint's; 224 for folders)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = p.parse_args(argv)
+    if bool(args.pred_masks) != bool(args.true_masks):
+        p.error("--pred-masks and --true-masks go together")
+    if not args.checkpoint and not args.pred_masks:
+        p.error("give a checkpoint, or --pred-masks and --true-masks")
+    return args
+
+
+def class_folder(data):
+    """A dataset root means its WBC_100/val/data; anything else is a <Class>/<image> folder."""
+    data = Path(data)
+    return data / "WBC_100" / "val" / "data" if (data / "WBC_100" / "val" / "data").is_dir() else data
+
+
+def mask_folder(data_folder):
+    """The ground-truth mask folder beside a data folder (.../val/data -> .../val/mask)."""
+    return Path(data_folder).parent / "mask"
+
+
+def evaluate_classifier(ckpt, args, device):
+    from resnet_cls import ResNetClassifier
+    run = ckpt["args"]
+    classes = ckpt["classes"]
+    channel = run.get("mask_mode") == "channel"
+    size = args.size or run["size"]
+    folder = class_folder(args.data or run["data"])
+    masks = Path(args.masks) if args.masks else Path(run["masks"]) / "val"
+    data = load_set(folder, size, classes=classes, mask_dirs=[masks] if channel else [])
+    if channel and not data.has_mask.all():
+        raise DataError(f"{masks}: a mask-channel classifier needs a mask for every image of {folder}")
+    model = ResNetClassifier(len(classes), 4 if channel else 3)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise SystemExit(f"{args.checkpoint}: weights don't fit a {len(classes)}-class ResNet34 "
+                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+    amp, _ = precision(device, "auto")
+    logits = infer(model.to(device, memory_format=torch.channels_last), data.images, data.masks,
+                   args.batch_size, device, amp, mask_channel=channel)
+    metrics = classification_metrics(confusion_matrix(data.labels, logits.argmax(1), len(classes)), classes)
+    metrics["data"] = str(folder)
+    print_classifier_report(metrics, classes, f"{args.checkpoint} on {folder} ({len(data)} images)")
+    return metrics
+
+
+def print_classifier_report(m, classes, title):
+    """The report's per-class error table, then the summary metrics and the confusion matrix."""
+    print(title)
+    print(f"{'class':<12} {'n':>6} {'error':>8}")
+    for c in classes:
+        e = m["per_class_error"][c]
+        print(f"{c:<12} {m['support'][c]:>6} {'-' if e is None else f'{100 * e:.2f}%':>8}")
+    print(f"{'weighted mean':<19} {100 * m['weighted_mean_error']:>7.2f}%")
+    print(f"{'std':<19} {100 * m['per_class_error_std']:>7.2f}%")
+    print(f"accuracy {100 * m['accuracy']:.2f}% | balanced accuracy {100 * m['balanced_accuracy']:.2f}% | "
+          f"macro F1 {m['macro_f1']:.3f} | majority baseline {100 * m['majority_baseline']:.2f}%")
+    print("confusion (rows true, columns predicted):")
+    width = max(len(c) for c in classes)
+    print(" " * (width + 1) + " ".join(f"{c[:5]:>5}" for c in classes))
+    for c, row in zip(classes, m["confusion"]):
+        print(f"{c:>{width}} " + " ".join(f"{v:>5}" for v in row))
+
+
+def evaluate_masker(ckpt, args, device):
+    from unet import UNet
+    run = ckpt["args"]
+    size = args.size or run["size"]
+    folder = class_folder(args.data or run["data"])
+    data = load_set(folder, size, mask_dirs=[mask_folder(folder)])
+    data = data.subset(data.has_mask)
+    if len(data) == 0:
+        raise DataError(f"{mask_folder(folder)}: no ground-truth masks to score the masker against")
+    model = UNet()
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise SystemExit(f"{args.checkpoint}: weights don't fit the UNet ({str(e).splitlines()[0]})") from None
+    amp, _ = precision(device, "auto")
+    logits = infer(model.to(device, memory_format=torch.channels_last), data.images, None, args.batch_size, device, amp)
+    threshold = torch.logit(torch.tensor(run.get("threshold", 0.5))).item()
+    metrics = mask_metrics(mask_counts(logits > threshold, data.masks > 0))
+    metrics.update(data=str(folder), n=len(data))
+    print_masker_report(metrics, f"{args.checkpoint} on {len(data)} masks of {folder}")
+    return metrics
+
+
+def compare_mask_folders(pred_dir, true_dir, size):
+    """Pixel error, IoU, Dice of every true mask against the predicted mask of the same <Class>/<stem>."""
+    true = scan_folder(true_dir)
+    preds = {(p.parent.name, p.stem): p for p in Path(pred_dir).glob("*/*.png")}
+    pairs = [(preds.get((true.classes[y], p.stem)), p) for p, y in zip(true.paths, true.labels)]
+    missing = [str(t) for p, t in pairs if p is None]
+    if missing:
+        raise DataError(f"{pred_dir}: no predicted mask for {len(missing)} true mask(s), e.g. {missing[0]}")
+    pred_arr, _, bad_p = decode_all("mask", [p for p, _ in pairs], size)
+    true_arr, _, bad_t = decode_all("mask", [t for _, t in pairs], size)
+    if bad_p or bad_t:
+        raise DataError(f"unreadable masks: {[str(pairs[i][0]) for i in bad_p] + [str(pairs[i][1]) for i in bad_t]}")
+    metrics = mask_metrics(mask_counts(torch.from_numpy(pred_arr) > 0, torch.from_numpy(true_arr) > 0))
+    metrics["n"] = len(pairs)
+    print_masker_report(metrics, f"{pred_dir} against {true_dir} ({len(pairs)} masks at {size} px)")
+    return metrics
+
+
+def print_masker_report(m, title):
+    print(title)
+    print(f"pixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | Dice {m['dice']:.3f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if args.pred_masks:
+        metrics = compare_mask_folders(args.pred_masks, args.true_masks, args.size or 224)
+    else:
+        ckpt = load_checkpoint(args.checkpoint)
+        kind = ckpt.get("kind")
+        if kind == "classifier":
+            metrics = evaluate_classifier(ckpt, args, device)
+        elif kind == "masker":
+            metrics = evaluate_masker(ckpt, args, device)
+        else:
+            raise SystemExit(f"{args.checkpoint}: unknown checkpoint kind {kind!r} (expected classifier or masker)")
+    if args.json:
+        save_json(metrics, args.json)
+        print(f"wrote {args.json}")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
