@@ -36,7 +36,7 @@ IGNORED_DIRS = {"__MACOSX", ".ipynb_checkpoints"}   # tool debris, never classes
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = (1, 10, 50, 100)
-CACHE_VERSION = 1   # bump when decoding changes, so stale caches are not reused
+CACHE_VERSION = 2   # bump when decoding changes, so stale caches are not reused
 
 
 class DataError(Exception):
@@ -139,12 +139,22 @@ def match_masks(listing, mask_dirs):
 
 # ---------------------------------------------------------------------------- decoding
 
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")   # 16-bit and 32-bit grey
+
+
+def wide_to_8bit(a):
+    """Grey values of a 16/32-bit image -> float 0..255, scaled by the smallest bit depth (>= 8)
+    that holds the maximum: 12-bit camera data (max <= 4095) fills the 8-bit range instead of
+    becoming near-black (/65535) or all-white (clipped), and 0/255 stored as 16-bit stays 0/255."""
+    top = float(max(0.0, np.nanmax(a, initial=0.0)))
+    bits = max(8, int(np.ceil(np.log2(top + 1))))
+    return np.clip(a / (2.0 ** bits - 1) * 255, 0, 255)
+
+
 def to_rgb(im):
-    """Any PIL mode -> RGB. 16-bit and 32-bit grey are scaled to 8 bits, not clipped."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
+    """Any PIL mode -> RGB. 16-bit and 32-bit grey are scaled to 8 bits (wide_to_8bit), not clipped."""
+    if im.mode in WIDE_MODES:
+        im = Image.fromarray((wide_to_8bit(np.asarray(im, dtype=np.float64)) + 0.5).astype(np.uint8))
     if im.mode == "RGBA" or im.mode == "LA" or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -155,6 +165,7 @@ def to_rgb(im):
 def decode_image(path, size):
     """(size, size, 3) uint8 with EXIF orientation applied, and the upright original (w, h)."""
     with Image.open(path) as im:
+        check_pixels(im)
         w, h = im.size
         if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # EXIF 90-degree turns swap the sides
             w, h = h, w
@@ -168,18 +179,17 @@ def mask_to_cell(im):
     """PIL mask -> bool array: True = cell (SPEC 1).
 
     Palette: index != 0. 8-bit: value >= 64 (robust to JPEG noise, counts a 128 cytoplasm
-    level as cell), or == 1 when the maximum is 1 (a 0/1 mask). 16-bit: scaled to 8 bits first.
+    level as cell), or == 1 when the maximum is 1 (a 0/1 mask). 16-bit: scaled to 8 bits first
+    (wide_to_8bit, so 0/255, 0/4095 and 0/65535 all read as masks). Any other value is "stray":
+    below 64 background, from 64 up cell.
     """
     if im.mode == "P":
         return np.asarray(im) != 0
     if im.mode == "1":
         return np.asarray(im).astype(bool)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if im.mode in WIDE_MODES:
         a = np.asarray(im, dtype=np.float64)
-        if a.max() <= 1:
-            return a > 0
-        a = a / 65535.0 * 255 if (im.mode.startswith("I;16") or a.max() > 255) else a
-        return a >= 64
+        return a > 0 if a.max() <= 1 else wide_to_8bit(a) >= 64
     a = np.asarray(im.convert("L"))
     return a == 1 if a.max() == 1 else a >= 64
 
@@ -187,6 +197,7 @@ def mask_to_cell(im):
 def decode_mask(path, size):
     """(size, size) uint8 0/1 cell mask, nearest-neighbour resized; also returns the original (w, h)."""
     with Image.open(path) as im:
+        check_pixels(im)
         im = ImageOps.exif_transpose(im)
         cell = mask_to_cell(im)
     shape = (cell.shape[1], cell.shape[0])
@@ -194,7 +205,14 @@ def decode_mask(path, size):
     return np.asarray(small), shape
 
 
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+def check_pixels(im):
+    """Refuse an image over Image.MAX_IMAGE_PIXELS. Pillow itself only warns between 1x and 2x
+    the limit (and raises above 2x); a warning in a decoding thread is easy to miss, so the
+    limit is enforced here as stated. Never lifted: a bomb could exhaust the memory."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and im.width * im.height > limit:
+        raise Image.DecompressionBombError(f"{im.width}x{im.height} = {im.width * im.height} pixels, "
+                                           f"limit {limit} (Image.MAX_IMAGE_PIXELS)")
 
 
 def _decode_one(args):
@@ -204,7 +222,9 @@ def _decode_one(args):
         return array, shape, None
     except Image.DecompressionBombError as e:
         return None, None, f"over Pillow's decompression-bomb limit ({e})"
-    except DECODE_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, EOFError, struct.error,
+        # IndexError... on corrupt files; any of them means this one file is unreadable, and it is
+        # reported by name and reason instead of killing the whole decode
         return None, None, f"{type(e).__name__}: {e}"
 
 
@@ -312,6 +332,8 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
                 resized += 1
         if resized:
             log(f"{resized} mask(s) differ in size from their image: resized with nearest-neighbour")
+    if len(bad) == len(listing.paths):
+        raise DataError(f"{data_dir}: none of its {len(bad)} image(s) could be read (see the list above)")
     keep = torch.tensor([i not in bad for i in range(len(listing.paths))], dtype=torch.bool)
     full = ImageSet(torch.from_numpy(images), torch.tensor(listing.labels, dtype=torch.int64),
                     None if masks is None else torch.from_numpy(masks),
@@ -399,6 +421,9 @@ def augment(x, m=None, crop=(0.75, 1.0), jitter=0.2):
 
 # ---------------------------------------------------------------------------- files and runs
 
+UMASK = os.umask(0o022)   # read once at import (os.umask can only be read by setting it) and put back
+os.umask(UMASK)
+
 def atomic_write(path, write):
     """Call write(file) on a temp file in path's folder, then rename it over path, so a kill
     mid-write leaves the previous file whole."""
@@ -406,6 +431,7 @@ def atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~UMASK)   # mkstemp's 0600 would hide results from the group: use open()'s mode
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
@@ -454,7 +480,72 @@ def load_checkpoint(path, required=("model", "args")):
         raise SystemExit(f"{path}: not a loadable checkpoint ({type(e).__name__}: {first[:300]})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
         raise SystemExit(f"{path}: not a checkpoint of this repo (expected a dict with keys {list(required)})")
+    if "model" in required and not (isinstance(ckpt["model"], dict)
+                                    and all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())):
+        raise SystemExit(f"{path}: its 'model' entry is not a state dict (name -> tensor)")
+    if "args" in required and not isinstance(ckpt["args"], dict):
+        raise SystemExit(f"{path}: its 'args' entry is not a dict of the run's settings")
     return ckpt
+
+
+# ---------------------------------------------------------------------------- resuming a run
+
+def plain_args(args):
+    """vars(args) with Paths as strings: what a checkpoint stores (weights_only can load it)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def rng_state():
+    """Every RNG training draws from, as tensors and plain lists (torch.load(weights_only=True)
+    refuses numpy arrays): torch CPU (shuffling, augmentation), CUDA, Python, NumPy."""
+    import random
+    version, internal, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": [version, list(internal), gauss],
+            "numpy": [name, key.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def restore_rng(state):
+    """Put back what rng_state() saved, so a resumed run draws the same batches and augmentations."""
+    import random
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), pos, has_gauss, cached))
+
+
+RESUME_KEYS = ("model", "args", "epoch", "optimizer", "scheduler", "log_rows", "rng")
+
+
+def load_resume(path, args, same):
+    """The checkpoint to continue from with --resume; refuses one written with other settings
+    (the args named in `same`), since continuing it would give neither run's result."""
+    ckpt = load_checkpoint(path, required=RESUME_KEYS)
+    now, then = plain_args(args), ckpt["args"]
+    differ = [f"--{k.replace('_', '-')} {then.get(k)!r} then, {now[k]!r} now" for k in same if then.get(k) != now[k]]
+    if differ:
+        raise SystemExit(f"--resume: {path} was written with other settings ({'; '.join(differ)}); "
+                         f"rerun with the same flags or use another --out")
+    return ckpt
+
+
+def save_every(epochs, every):
+    """Epochs between resume checkpoints: `every`, or (0) about 20 saves per run, so a run of
+    thousands of tiny epochs (WBC_1) does not spend its time writing 3x-model-size files."""
+    return every or max(1, epochs // 20)
+
+
+def nonfinite_error(where, step, n_steps, value, saved):
+    """The message that stops a run whose loss became NaN or Inf."""
+    keep = (f"the last good checkpoint is {saved[0]} (epoch {saved[1]})" if saved
+            else "no checkpoint had been saved yet")
+    return (f"error: {where} step {step}/{n_steps}: the loss is {value} (not finite); stopped, {keep}. "
+            f"Try a lower --lr or --clip-grad")
 
 
 def pick_device(name):

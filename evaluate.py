@@ -52,23 +52,37 @@ def mask_folder(data_folder):
     return Path(data_folder).parent / "mask"
 
 
-def evaluate_classifier(ckpt, args, device):
-    from resnet_cls import ResNetClassifier
-    run = ckpt["args"]
-    classes = ckpt["classes"]
-    channel = run.get("mask_mode") == "channel"
-    size = args.size or run["size"]
-    folder = class_folder(args.data or run["data"])
-    masks = Path(args.masks) if args.masks else Path(run["masks"]) / "val"
-    data = load_set(folder, size, classes=classes, mask_dirs=[masks] if channel else [])
-    if channel and not data.has_mask.all():
-        raise DataError(f"{masks}: a mask-channel classifier needs a mask for every image of {folder}")
-    model = ResNetClassifier(len(classes), 4 if channel else 3)
+def load_weights(model, ckpt, path, what):
+    """ckpt["model"] into `model`, or SystemExit naming the file and the first mismatch."""
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise SystemExit(f"{args.checkpoint}: weights don't fit a {len(classes)}-class ResNet34 "
-                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise SystemExit(f"{path}: weights don't fit {what} ({lines[min(1, len(lines) - 1)][:300]})") from None
+
+
+def run_setting(ckpt, key, path):
+    """A setting of the run that wrote the checkpoint, or SystemExit naming what is missing."""
+    if key not in ckpt["args"]:
+        raise SystemExit(f"{path}: the checkpoint's args lack {key!r} (not written by this repo's scripts?)")
+    return ckpt["args"][key]
+
+
+def evaluate_classifier(ckpt, args, device):
+    from resnet_cls import ResNetClassifier
+    run = ckpt["args"]
+    classes = ckpt.get("classes")
+    if not classes:
+        raise SystemExit(f"{args.checkpoint}: a classifier checkpoint without its list of classes")
+    channel = run.get("mask_mode") == "channel"
+    model = ResNetClassifier(len(classes), 4 if channel else 3)
+    load_weights(model, ckpt, args.checkpoint, f"a {len(classes)}-class, {4 if channel else 3}-channel ResNet34")
+    size = args.size or run_setting(ckpt, "size", args.checkpoint)
+    folder = class_folder(args.data or run_setting(ckpt, "data", args.checkpoint))
+    masks = Path(args.masks) if args.masks else Path(run.get("masks", "masks")) / "val"
+    data = load_set(folder, size, classes=classes, mask_dirs=[masks] if channel else [])
+    if channel and not data.has_mask.all():
+        raise DataError(f"{masks}: a mask-channel classifier needs a mask for every image of {folder}")
     amp, _ = precision(device, "auto")
     logits = infer(model.to(device, memory_format=torch.channels_last), data.images, data.masks,
                    args.batch_size, device, amp, mask_channel=channel)
@@ -99,17 +113,14 @@ def print_classifier_report(m, classes, title):
 def evaluate_masker(ckpt, args, device):
     from unet import UNet
     run = ckpt["args"]
-    size = args.size or run["size"]
-    folder = class_folder(args.data or run["data"])
+    model = UNet()
+    load_weights(model, ckpt, args.checkpoint, "the UNet")
+    size = args.size or run_setting(ckpt, "size", args.checkpoint)
+    folder = class_folder(args.data or run_setting(ckpt, "data", args.checkpoint))
     data = load_set(folder, size, mask_dirs=[mask_folder(folder)])
     data = data.subset(data.has_mask)
     if len(data) == 0:
         raise DataError(f"{mask_folder(folder)}: no ground-truth masks to score the masker against")
-    model = UNet()
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise SystemExit(f"{args.checkpoint}: weights don't fit the UNet ({str(e).splitlines()[0]})") from None
     amp, _ = precision(device, "auto")
     logits = infer(model.to(device, memory_format=torch.channels_last), data.images, None, args.batch_size, device, amp)
     threshold = torch.logit(torch.tensor(run.get("threshold", 0.5))).item()
@@ -150,6 +161,8 @@ def main(argv=None):
     else:
         ckpt = load_checkpoint(args.checkpoint)
         kind = ckpt.get("kind")
+        if ckpt.get("finished") is False:   # a kill or a NaN stopped it: say so, still score it
+            print(f"note: {args.checkpoint} is from an unfinished run (stopped after epoch {ckpt.get('epoch')})")
         if kind == "classifier":
             metrics = evaluate_classifier(ckpt, args, device)
         elif kind == "masker":

@@ -6,18 +6,22 @@
 
 Masks: the ground-truth mask of WBC_<split>/train/mask where there is one, else the generated
 one from --masks (default runs/masker_WBC_<split>/masks, written by train_masker.py).
-Writes to --out: checkpoint.pt (last epoch), log.csv (one row per epoch) and metrics.json
-(evaluate.py's report on WBC_100/val).
+Writes to --out: checkpoint.pt, log.csv (one row per epoch) and metrics.json (evaluate.py's
+report on WBC_100/val). checkpoint.pt is also updated during the run (--save-every) with the
+optimizer, schedule and RNG states, so `--resume` continues a killed run where it stopped with
+bit-identical results; a NaN or Inf loss stops the run and leaves the last good one in place.
 """
 import argparse
+import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from data import (SPLITS, DataError, batch_indices, infer, load_checkpoint, load_set, make_batch, pick_device,
-                  precision, save_checkpoint, save_csv, save_json, seed_everything, split_epochs, wbc_dirs)
+from data import (SPLITS, DataError, batch_indices, infer, load_checkpoint, load_resume, load_set, make_batch,
+                  nonfinite_error, pick_device, plain_args, precision, restore_rng, rng_state, save_checkpoint,
+                  save_csv, save_every, save_json, seed_everything, split_epochs, wbc_dirs)
 from losses import check_alpha, class_weights, classification_metrics, confusion_matrix, mask_weighted_ce, weighted_ce
 from resnet_cls import build_classifier, load_backbone
 
@@ -53,16 +57,27 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="autocast precision (auto: bf16 where the device runs it fast, else off)")
+    g.add_argument("--clip-grad", type=float, default=0.0, metavar="MAX_NORM",
+                   help="clip the gradients' total norm to MAX_NORM each step (0 = off)")
     g.add_argument("--dry-run", action="store_true", help="one batch, one epoch: checks the pipeline")
     g.add_argument("--out", default=None, help="output folder (default runs/classifier_WBC_<split>_<setting>)")
+    g.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="update OUT/checkpoint.pt (with optimizer and RNG states, for --resume) every N epochs "
+                        "and at the end (0 = about 20 times per run)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run whose OUT/checkpoint.pt was left by a kill, with the same flags")
     args = p.parse_args(argv)
     if args.alpha is not None:
+        if not all(math.isfinite(a) for a in args.alpha):
+            p.error(f"--alpha {args.alpha[0]} {args.alpha[1]}: must be finite numbers")
         try:
             check_alpha(*args.alpha)
         except ValueError as e:
             p.error(f"--alpha: {e}")
-    if args.lr <= 0 or args.epochs < 1 or args.batch_size < 1 or args.size < 32:
-        p.error("--lr, --epochs and --batch-size must be positive and --size at least 32")
+    if not (0 < args.lr < math.inf) or args.epochs < 1 or args.batch_size < 1 or args.size < 32:
+        p.error("--lr, --epochs and --batch-size must be positive (and finite) and --size at least 32")
+    if not (0 <= args.clip_grad < math.inf) or args.save_every < 0:
+        p.error("--clip-grad and --save-every must be >= 0 (0 = off / auto)")
     if sum(bool(x) for x in (args.pretrained, args.weights, args.init)) > 1:
         p.error("--pretrained, --weights and --init each set the starting weights: pick one")
     args.masks = Path(args.masks or f"runs/masker_WBC_{args.split}/masks")
@@ -78,16 +93,18 @@ def setting_name(alpha, mask_mode, balance):
     return name + ("_balance" if balance else "")
 
 
-def train_one_epoch(model, data, optimizer, alpha, class_w, channel, batch_size, device, amp, max_batches=None):
+def train_one_epoch(model, data, optimizer, alpha, class_w, channel, batch_size, device, amp, max_batches=None,
+                    clip_grad=0.0):
     """One pass over `data` (an ImageSet whose masks are complete when alpha or channel need them).
-    Returns mean loss, accuracy, img/s and the count of samples whose mask weights summed to 0."""
+    Returns mean loss, accuracy, img/s, the count of samples whose mask weights summed to 0, and
+    None or (step, steps, loss) of the first step whose loss was NaN or Inf."""
     model.train()
     total_loss, correct, empty = (torch.zeros((), device=device) for _ in range(3))
+    first_bad, bad_loss = torch.full((), -1, device=device), torch.zeros((), device=device)
     seen, start = 0, time.perf_counter()
     drop_last = len(data) > batch_size   # a last batch of one breaks BatchNorm
-    for step, idx in enumerate(batch_indices(len(data), batch_size, shuffle=True, drop_last=drop_last)):
-        if max_batches is not None and step >= max_batches:
-            break
+    batches = batch_indices(len(data), batch_size, shuffle=True, drop_last=drop_last)[:max_batches]
+    for step, idx in enumerate(batches):
         x, m = make_batch(data.images, data.masks, idx, device, train=True, mask_channel=channel)
         y = data.labels[idx].to(device, non_blocking=True)
         with amp:
@@ -100,12 +117,21 @@ def train_one_epoch(model, data, optimizer, alpha, class_w, channel, batch_size,
             loss = weighted_ce(logits, y, class_w)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         total_loss += loss.detach() * len(idx)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(idx)
+        # remember the first non-finite step on the device instead of testing it here: an `if` on
+        # the loss would wait for the GPU every step; the epoch-end sync reads it, names the step,
+        # and the run stops before a checkpoint is written from the broken weights
+        newly_bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
+        first_bad = torch.where(newly_bad, step + 1, first_bad)
+        bad_loss = torch.where(newly_bad, loss.detach().float(), bad_loss)
     elapsed = time.perf_counter() - start
-    return total_loss.item() / seen, correct.item() / seen, seen / elapsed, int(empty.item())
+    bad = None if first_bad.item() < 0 else (int(first_bad.item()), len(batches), bad_loss.item())
+    return total_loss.item() / seen, correct.item() / seen, seen / elapsed, int(empty.item()), bad
 
 
 def evaluate(model, data, batch_size, device, amp, channel):
@@ -115,13 +141,61 @@ def evaluate(model, data, batch_size, device, amp, channel):
     return F.cross_entropy(logits, data.labels).item(), (preds == data.labels).float().mean().item(), preds
 
 
-def attach_masks(image_set, what, need):
-    """Fail clearly when `need` and some image has no mask (ground truth or generated)."""
+def attach_masks(image_set, what, need, folders):
+    """Fail clearly when `need` and some image has no mask in `folders` (ground truth or generated)."""
     missing = (~image_set.has_mask).sum().item()
     if need and missing:
         example = image_set.paths[(~image_set.has_mask).nonzero()[0, 0].item()]
-        raise DataError(f"{missing} of {len(image_set)} {what} images have no mask (e.g. {example}); "
+        raise DataError(f"{missing} of {len(image_set)} {what} images have no mask in "
+                        f"{' or '.join(str(f) for f in folders)} (e.g. {example}); "
                         f"generate them with train_masker.py or pass --masks")
+
+
+def load_data(args, cache):
+    """WBC_<split>/train (+ masks: ground truth first, then generated) and WBC_100/val, every file
+    checked here, before any training."""
+    channel = args.mask_mode == "channel"
+    need_masks = args.alpha is not None or channel
+    dirs = wbc_dirs(args.data, args.split)
+    if need_masks and not (args.masks / "train").is_dir():
+        raise DataError(f"{args.masks / 'train'}: mask folder not found, needed by "
+                        f"{'--mask-mode channel' if channel else '--alpha'}; run `python train_masker.py "
+                        f"--split {args.split} --data {args.data}` first or pass --masks")
+    train_masks = [dirs["train_mask"], args.masks / "train"] if need_masks else []
+    train = load_set(dirs["train_data"], args.size, mask_dirs=train_masks, cache_dir=cache, skip_bad=args.skip_bad)
+    val_masks = [args.masks / "val"] if channel else []
+    val = load_set(dirs["val_data"], args.size, classes=train.classes, mask_dirs=val_masks, cache_dir=cache,
+                   skip_bad=args.skip_bad)
+    attach_masks(train, "training", need_masks, train_masks)
+    attach_masks(val, "validation", channel, val_masks)
+    return train, val
+
+
+# the flags that shape the trained weights: --resume refuses a checkpoint written with others
+SAME_FOR_RESUME = ("data", "split", "masks", "size", "alpha", "mask_mode", "balance", "pretrained", "weights",
+                   "init", "epochs", "batch_size", "lr", "seed", "clip_grad", "dry_run")
+
+
+def run_state(model, optimizer, scheduler, epoch, epochs, log_rows, args, classes, n_train):
+    """Everything --resume needs to continue after `epoch` as if the run had never stopped."""
+    return {"kind": "classifier", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch, "epochs": epochs, "finished": False,
+            "log_rows": list(log_rows), "args": plain_args(args), "classes": classes, "train_images": n_train,
+            "rng": rng_state()}
+
+
+def continue_from(ckpt, path, model, optimizer, scheduler, classes, n_train):
+    """Load a --resume checkpoint into the new model, optimizer and scheduler and put the RNGs
+    back; returns the first epoch still to run and the log rows so far."""
+    if ckpt.get("classes") != classes or ckpt.get("train_images") != n_train:
+        raise SystemExit(f"--resume: {path} was written for {ckpt.get('train_images')} training images of "
+                         f"classes {ckpt.get('classes')}; the data now has {n_train} of {classes}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    restore_rng(ckpt["rng"])   # last: nothing after this may draw random numbers before the loop
+    print(f"resuming {path} after epoch {ckpt['epoch']}")
+    return ckpt["epoch"] + 1, list(ckpt["log_rows"])
 
 
 def main(argv=None):
@@ -131,68 +205,75 @@ def main(argv=None):
     amp, amp_name = precision(device, args.amp)
     cache = None if args.cache == "none" else Path(args.cache or Path(args.data) / ".cache")
     channel = args.mask_mode == "channel"
-    need_masks = args.alpha is not None or channel
+    ckpt_path = args.out / "checkpoint.pt"
     print(f"device {device} | autocast {amp_name} | size {args.size} | alpha {args.alpha} | "
           f"mask mode {args.mask_mode} | balance {args.balance} | out {args.out}")
+    # checkpoint files first: a bad one fails before any image is decoded
+    resume = load_resume(ckpt_path, args, SAME_FOR_RESUME) if args.resume else None
+    init = load_checkpoint(args.init)["model"] if args.init and resume is None else None
 
-    # 1. data: WBC_<split>/train (+ masks: ground truth first, then generated), WBC_100/val
-    dirs = wbc_dirs(args.data, args.split)
-    if need_masks and not (args.masks / "train").is_dir():
-        raise DataError(f"{args.masks / 'train'}: no generated masks; run "
-                        f"`python train_masker.py --split {args.split} --data {args.data}` first or pass --masks")
-    train = load_set(dirs["train_data"], args.size, mask_dirs=[dirs["train_mask"], args.masks / "train"] if need_masks
-                     else [], cache_dir=cache, skip_bad=args.skip_bad)
-    val = load_set(dirs["val_data"], args.size, classes=train.classes, mask_dirs=[args.masks / "val"] if channel else [],
-                   cache_dir=cache, skip_bad=args.skip_bad)
-    attach_masks(train, "training", need_masks)
-    attach_masks(val, "validation", channel)
+    # 1. data
+    train, val = load_data(args, cache)
     n_full = len(list(Path(args.data, "WBC_100", "train", "data").glob("*/*"))) or len(train)
     epochs = 1 if args.dry_run else split_epochs(args.epochs, len(train), n_full)
     counts = train.class_counts()
     class_w = class_weights(counts).to(device) if args.balance else None
     print(f"train {len(train)} images {dict(zip(train.classes, counts))} | val {len(val)} | {epochs} epochs")
 
-    # 2. model
-    model = build_classifier(len(train.classes), 4 if channel else 3, args.pretrained, args.weights)
-    if args.init:
-        load_backbone(model.backbone, {k.removeprefix("backbone."): v for k, v in
-                                       load_checkpoint(args.init)["model"].items()}, source=args.init)
+    # 2. model (a resumed run's weights come from its checkpoint: no ImageNet download)
+    model = build_classifier(len(train.classes), 4 if channel else 3, args.pretrained and resume is None,
+                             args.weights if resume is None else None)
+    if init is not None:
+        # ours: a classifier ("backbone.*") or a masker, whose UNet encoder is a resnet34 too ("encoder.*")
+        prefix = "encoder." if any(k.startswith("encoder.") for k in init) else "backbone."
+        load_backbone(model.backbone, {k[len(prefix):]: v for k, v in init.items() if k.startswith(prefix)},
+                      source=args.init)
     model = model.to(device, memory_format=torch.channels_last)
 
     # 3. optimizer and schedule: Adam, StepLR halving the lr 7 times over the run
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, round(epochs / 7)), gamma=0.5)
+    first, log_rows, saved = 1, [], None
+    if resume is not None:
+        first, log_rows = continue_from(resume, ckpt_path, model, optimizer, scheduler, train.classes, len(train))
+        saved = (ckpt_path, resume["epoch"])
 
-    # 4. loop
+    # 4. loop; checkpoint.pt (and log.csv) updated every `every` epochs, for --resume
     args.out.mkdir(parents=True, exist_ok=True)
-    log_rows, start = [], time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    every, start = save_every(epochs, args.save_every), time.perf_counter()
+    for epoch in range(first, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loss, acc, speed, empty = train_one_epoch(model, train, optimizer, args.alpha, class_w, channel,
-                                                  args.batch_size, device, amp, 1 if args.dry_run else None)
+        loss, acc, speed, empty, bad = train_one_epoch(model, train, optimizer, args.alpha, class_w, channel,
+                                                       args.batch_size, device, amp, 1 if args.dry_run else None,
+                                                       clip_grad=args.clip_grad)
+        if bad is not None:
+            raise SystemExit(nonfinite_error(f"epoch {epoch}/{epochs}", *bad, saved))
         scheduler.step()
         val_loss, val_acc, _ = evaluate(model, val, args.batch_size * 2, device, amp, channel)
-        eta = (time.perf_counter() - start) / epoch * (epochs - epoch)
+        eta = (time.perf_counter() - start) / (epoch - first + 1) * (epochs - epoch)
         print(f"epoch {epoch}/{epochs} | train loss {loss:.4f} acc {100 * acc:.2f}% | val loss {val_loss:.4f} "
               f"acc {100 * val_acc:.2f}% | lr {lr:.2e} | {speed:.0f} img/s | ETA {eta:.0f}s"
               + (f" | {empty} empty-weight samples" if empty else ""), flush=True)
         log_rows.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_loss": val_loss,
                          "val_acc": val_acc, "lr": lr, "img_s": speed, "empty_weight_samples": empty})
+        if epoch % every == 0 and epoch < epochs:   # the last epoch's state is saved with the report below
+            save_checkpoint(run_state(model, optimizer, scheduler, epoch, epochs, log_rows, args, train.classes,
+                                      len(train)), ckpt_path)
+            save_csv(log_rows, args.out / "log.csv")
+            saved = (ckpt_path, epoch)
 
-    # 5. report and checkpoint
+    # 5. report and final checkpoint
     _, _, preds = evaluate(model, val, args.batch_size * 2, device, amp, channel)
     metrics = classification_metrics(confusion_matrix(val.labels, preds, len(train.classes)), train.classes)
     metrics.update(split=args.split, setting=setting_name(args.alpha, args.mask_mode, args.balance), epochs=epochs,
                    train_images=len(train), seconds=time.perf_counter() - start)
-    save_checkpoint({"kind": "classifier", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epochs,
-                     "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                     "classes": train.classes, "metrics": metrics}, args.out / "checkpoint.pt")
+    save_checkpoint(run_state(model, optimizer, scheduler, epochs, epochs, log_rows, args, train.classes, len(train))
+                    | {"finished": True, "metrics": metrics}, ckpt_path)
     save_csv(log_rows, args.out / "log.csv")
     save_json(metrics, args.out / "metrics.json")
     print(f"val accuracy {100 * metrics['accuracy']:.2f}% | balanced {100 * metrics['balanced_accuracy']:.2f}% | "
           f"macro F1 {metrics['macro_f1']:.3f} | majority baseline {100 * metrics['majority_baseline']:.2f}%")
-    print(f"wrote {args.out / 'checkpoint.pt'}, {args.out / 'log.csv'} and {args.out / 'metrics.json'}")
+    print(f"wrote {ckpt_path}, {args.out / 'log.csv'} and {args.out / 'metrics.json'}")
     return metrics
 
 

@@ -6,16 +6,21 @@
 Writes to --out (default runs/masker_WBC_<split>): checkpoint.pt, log.csv, metrics.json, and
 masks/{train,val}/<Class>/<stem>.png (0/255, the image's own size) for every image of
 WBC_<split>/train and WBC_100/val; train_classifier.py reads them from there.
+checkpoint.pt is also updated during training (--save-every) with the optimizer, schedule and
+RNG states, so `--resume` continues a killed run with bit-identical results; a NaN or Inf loss
+stops the run and leaves the last good one in place.
 """
 import argparse
+import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from data import (SPLITS, DataError, batch_indices, infer, load_set, make_batch, pick_device, precision,
-                  save_checkpoint, save_csv, save_json, save_mask_png, seed_everything, split_epochs, wbc_dirs)
+from data import (SPLITS, DataError, batch_indices, infer, load_resume, load_set, make_batch, nonfinite_error,
+                  pick_device, plain_args, precision, restore_rng, rng_state, save_checkpoint, save_csv, save_every,
+                  save_json, save_mask_png, seed_everything, split_epochs, wbc_dirs)
 from losses import MASKER_LOSSES, mask_counts, mask_metrics
 from unet import build_unet
 
@@ -47,13 +52,24 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="autocast precision (auto: bf16 where the device runs it fast, else off)")
+    g.add_argument("--clip-grad", type=float, default=0.0, metavar="MAX_NORM",
+                   help="clip the gradients' total norm to MAX_NORM each step (0 = off)")
     g.add_argument("--dry-run", action="store_true", help="one batch per epoch, one epoch: checks the pipeline")
     g.add_argument("--out", default=None, help="output folder (default runs/masker_WBC_<split>)")
+    g.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="update OUT/checkpoint.pt (with optimizer and RNG states, for --resume) every N epochs "
+                        "and at the end of each stage (0 = about 20 times per stage)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run whose OUT/checkpoint.pt was left by a kill, with the same flags")
     args = p.parse_args(argv)
     if args.size % 32:
         p.error(f"--size {args.size}: the UNet needs a multiple of 32")
-    if args.lr <= 0 or args.epochs < 1 or args.batch_size < 1:
-        p.error("--lr, --epochs and --batch-size must be positive")
+    if not (0 < args.lr < math.inf) or args.epochs < 1 or args.batch_size < 1 or args.pretrain_epochs < 1:
+        p.error("--lr, --epochs, --pretrain-epochs and --batch-size must be positive (and finite)")
+    if not (0 <= args.clip_grad < math.inf) or args.save_every < 0:
+        p.error("--clip-grad and --save-every must be >= 0 (0 = off / auto)")
+    if not 0 <= args.threshold <= 1:
+        p.error("--threshold is a probability in [0, 1]")
     if not 0 <= args.holdout < 1:
         p.error("--holdout is a fraction in [0, 1)")
     if args.pretrained and args.weights:
@@ -62,27 +78,37 @@ def parse_args(argv=None):
     return args
 
 
-def train_one_epoch(model, images, masks, loss_fn, optimizer, batch_size, device, amp, max_batches=None):
-    """One pass over (images (N, 3, S, S) uint8, masks (N, 1, S, S) uint8). Returns loss, pixel error, img/s."""
+def train_one_epoch(model, images, masks, loss_fn, optimizer, batch_size, device, amp, max_batches=None,
+                    clip_grad=0.0):
+    """One pass over (images (N, 3, S, S) uint8, masks (N, 1, S, S) uint8). Returns loss, pixel
+    error, img/s, and None or (step, steps, loss) of the first step whose loss was NaN or Inf."""
     model.train()
     total_loss = torch.zeros((), device=device)
     wrong = torch.zeros((), device=device)
+    first_bad, bad_loss = torch.full((), -1, device=device), torch.zeros((), device=device)
     seen, start = 0, time.perf_counter()
-    for step, idx in enumerate(batch_indices(len(images), batch_size, shuffle=True)):
-        if max_batches is not None and step >= max_batches:
-            break
+    batches = batch_indices(len(images), batch_size, shuffle=True)[:max_batches]
+    for step, idx in enumerate(batches):
         x, m = make_batch(images, masks, idx, device, train=True)
         with amp:
             logits = model(x)
         loss = loss_fn(logits, m)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         total_loss += loss.detach() * len(idx)
         wrong += ((logits.detach() > 0) != (m > 0.5)).float().mean((1, 2, 3)).sum()
         seen += len(idx)
+        # the first non-finite step is recorded on the device, not tested here: an `if` on the
+        # loss would wait for the GPU every step; the epoch-end sync reads it and names the step
+        newly_bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
+        first_bad = torch.where(newly_bad, step + 1, first_bad)
+        bad_loss = torch.where(newly_bad, loss.detach().float(), bad_loss)
     elapsed = time.perf_counter() - start
-    return total_loss.item() / seen, wrong.item() / seen, seen / elapsed   # one host sync per epoch
+    bad = None if first_bad.item() < 0 else (int(first_bad.item()), len(batches), bad_loss.item())
+    return total_loss.item() / seen, wrong.item() / seen, seen / elapsed, bad   # one host sync per epoch
 
 
 def predict(model, images, batch_size, device, amp):
@@ -106,19 +132,48 @@ def write_masks(model, image_set, folder, batch_size, device, amp, threshold):
     return len(image_set.paths)
 
 
-def fit(model, stage, images, masks, epochs, args, device, amp, log_rows):
-    """Adam + cosine decay over `epochs`; one log line (and CSV row) per epoch."""
+# the flags that shape the trained weights: --resume refuses a checkpoint written with others
+SAME_FOR_RESUME = ("data", "split", "size", "holdout", "loss", "pretrain", "pretrain_epochs", "pretrained", "weights",
+                   "epochs", "batch_size", "lr", "seed", "clip_grad", "dry_run")
+
+
+def run_state(model, optimizer, scheduler, stage, epoch, log_rows, args):
+    """Everything --resume needs to continue after `epoch` of `stage` as if never stopped."""
+    return {"kind": "masker", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "stage": stage, "epoch": epoch, "finished": False,
+            "log_rows": list(log_rows), "args": plain_args(args), "rng": rng_state()}
+
+
+def fit(model, stage, images, masks, epochs, args, device, amp, log_rows, saved=None, resume=None, last_stage=True):
+    """Adam + cosine decay over `epochs`; one log line (and CSV row) per epoch. checkpoint.pt is
+    updated every few epochs and at the end of a stage that is not the last; `resume` (a
+    checkpoint of this stage) continues after its epoch. Returns the last save (path, epoch) and
+    the state at the end of the stage (the final checkpoint's content)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     loss_fn = MASKER_LOSSES[args.loss]
-    for epoch in range(1, epochs + 1):
+    first, ckpt_path, every = 1, args.out / "checkpoint.pt", save_every(epochs, args.save_every)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        restore_rng(resume["rng"])   # last: nothing after this may draw random numbers before the loop
+        first = resume["epoch"] + 1
+    for epoch in range(first, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loss, err, speed = train_one_epoch(model, images, masks, loss_fn, optimizer, args.batch_size, device, amp,
-                                           max_batches=1 if args.dry_run else None)
+        loss, err, speed, bad = train_one_epoch(model, images, masks, loss_fn, optimizer, args.batch_size, device,
+                                                amp, max_batches=1 if args.dry_run else None,
+                                                clip_grad=args.clip_grad)
+        if bad is not None:
+            raise SystemExit(nonfinite_error(f"{stage} epoch {epoch}/{epochs}", *bad, saved))
         scheduler.step()
         print(f"{stage} epoch {epoch}/{epochs} | loss {loss:.4f} | pixel error {100 * err:.2f}% | "
               f"lr {lr:.2e} | {speed:.0f} img/s", flush=True)
         log_rows.append({"stage": stage, "epoch": epoch, "loss": loss, "pixel_error": err, "lr": lr, "img_s": speed})
+        if (epoch % every == 0 and epoch < epochs) or (epoch == epochs and not last_stage):
+            save_checkpoint(run_state(model, optimizer, scheduler, stage, epoch, log_rows, args), ckpt_path)
+            save_csv(log_rows, args.out / "log.csv")
+            saved = (ckpt_path, f"{epoch} of stage {stage}")
+    return saved, run_state(model, optimizer, scheduler, stage, epochs, log_rows, args)
 
 
 def main(argv=None):
@@ -128,6 +183,10 @@ def main(argv=None):
     amp, amp_name = precision(device, args.amp)
     cache = None if args.cache == "none" else Path(args.cache or Path(args.data) / ".cache")
     print(f"device {device} | autocast {amp_name} | size {args.size} | loss {args.loss} | out {args.out}")
+    ckpt_path = args.out / "checkpoint.pt"
+    resume = load_resume(ckpt_path, args, SAME_FOR_RESUME) if args.resume else None   # before decoding
+    if resume is not None and resume.get("stage") not in ("cam16", "wbc"):
+        raise SystemExit(f"--resume: {ckpt_path}: no training stage recorded (expected 'cam16' or 'wbc')")
 
     # 1. data: the masks of WBC_<split> (and CAM16's), a held-out set, every image to draw a mask for
     dirs = wbc_dirs(args.data, args.split)
@@ -154,21 +213,28 @@ def main(argv=None):
     print(f"fine-tune on {len(labelled)} masks of WBC_{args.split} for {epochs} epochs"
           + (f"; held out: {len(held_out)} masks ({held_name})" if held_out is not None else "; no held-out masks"))
 
-    # 2. model
-    model = build_unet(args.pretrained, args.weights).to(device, memory_format=torch.channels_last)
+    # 2. model (a resumed run's weights come from its checkpoint: no ImageNet download)
+    model = build_unet(args.pretrained and resume is None, args.weights if resume is None else None)
+    model = model.to(device, memory_format=torch.channels_last)
+    log_rows, saved = [], None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        log_rows, saved = list(resume["log_rows"]), (ckpt_path, f"{resume['epoch']} of stage {resume['stage']}")
+        print(f"resuming {ckpt_path} after epoch {saved[1]}")
 
     # 3-4. loss, optimizer and loop: CAM16 pretraining, then WBC fine-tuning
-    log_rows = []
-    if args.pretrain:
+    if args.pretrain and (resume is None or resume["stage"] == "cam16"):
         cam = load_set(Path(args.data, "CAM16", "train", "data"), args.size,
                        mask_dirs=[Path(args.data, "CAM16", "train", "mask")], cache_dir=cache, skip_bad=args.skip_bad)
         cam = cam.subset(cam.has_mask)
         if len(cam) == 0:
             raise DataError(f"{Path(args.data, 'CAM16', 'train', 'mask')}: --pretrain found no CAM16 masks")
         print(f"pretrain on {len(cam)} CAM16 masks for {args.pretrain_epochs} epochs")
-        fit(model, "cam16", cam.images, cam.masks, 1 if args.dry_run else args.pretrain_epochs, args, device, amp,
-            log_rows)
-    fit(model, "wbc", labelled.images, labelled.masks, epochs, args, device, amp, log_rows)
+        saved, _ = fit(model, "cam16", cam.images, cam.masks, 1 if args.dry_run else args.pretrain_epochs, args,
+                       device, amp, log_rows, saved, resume, last_stage=False)
+    wbc_resume = resume if resume is not None and resume["stage"] == "wbc" else None
+    _, state = fit(model, "wbc", labelled.images, labelled.masks, epochs, args, device, amp, log_rows, saved,
+                   wbc_resume)
 
     # 5. scores, checkpoint, masks for every image
     metrics = {"train": score(model, labelled.images, labelled.masks, args.batch_size, device, amp, args.threshold)}
@@ -177,8 +243,8 @@ def main(argv=None):
                                     args.threshold)
     metrics.update(split=args.split, loss=args.loss, pretrain=args.pretrain, n_masks=len(labelled), epochs=epochs)
     args.out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint({"kind": "masker", "model": model.state_dict(), "args": vars(args) | {"out": str(args.out)},
-                     "epoch": epochs, "metrics": metrics}, args.out / "checkpoint.pt")
+    # saved before the masks are drawn: a run killed while writing them resumes straight to writing them
+    save_checkpoint(state | {"finished": True, "metrics": metrics}, ckpt_path)
     save_csv(log_rows, args.out / "log.csv")
     n_train = write_masks(model, train_all, args.out / "masks" / "train", args.batch_size, device, amp,
                           args.threshold)

@@ -1,0 +1,37 @@
+# make demo: the main job on synthetic data (2-core CPU: about 5 minutes); make test: the tests.
+PY ?= python
+DATA ?= data
+SIZE ?= 64
+RUNS ?= runs
+
+.PHONY: demo synth masker classifier evaluate test tecom300
+
+demo: synth masker classifier evaluate
+
+synth:
+	$(PY) data.py synth $(DATA) --scale 0.1 --size 128 --seed 0
+
+masker:
+	$(PY) train_masker.py --data $(DATA) --split 100 --pretrain --pretrain-epochs 3 --size $(SIZE) \
+		--epochs 15 --batch-size 8 --out $(RUNS)/masker_WBC_100
+
+classifier:
+	$(PY) train_classifier.py --data $(DATA) --split 100 --alpha -1 1 --size $(SIZE) \
+		--masks $(RUNS)/masker_WBC_100/masks --epochs 7 --batch-size 16 --lr 1e-3 \
+		--out $(RUNS)/classifier_WBC_100_alpha-1_1
+
+evaluate:
+	$(PY) evaluate.py $(RUNS)/classifier_WBC_100_alpha-1_1/checkpoint.pt --data $(DATA) --json $(RUNS)/demo_classifier.json
+	$(PY) evaluate.py $(RUNS)/masker_WBC_100/checkpoint.pt --data $(DATA) --json $(RUNS)/demo_masker.json
+
+test:
+	$(PY) -m pytest -q
+
+# real images, 300 of them: a smoke test of the pipeline on real BMPs and 0/128/255 masks
+TECOM ?= ../shared/data/tecom300
+tecom300:
+	$(PY) train_masker.py --data $(TECOM) --split 100 --size 96 --epochs 30 --batch-size 8 --out $(RUNS)/tecom_masker
+	$(PY) train_classifier.py --data $(TECOM) --split 100 --size 96 --alpha -1 1 --masks $(RUNS)/tecom_masker/masks \
+		--epochs 14 --batch-size 16 --lr 1e-3 --out $(RUNS)/tecom_classifier
+	$(PY) evaluate.py $(RUNS)/tecom_classifier/checkpoint.pt --json $(RUNS)/tecom_classifier.json
+	$(PY) evaluate.py $(RUNS)/tecom_masker/checkpoint.pt --json $(RUNS)/tecom_masker.json
