@@ -312,10 +312,9 @@ def run_epoch(name, model, optimizer, train_set, args, device, amp, max_batches=
 
 
 def epoch_images(name, n, batch):
-    """Images one train_one_epoch consumes: the classifier drops a ragged last batch when
-    n > batch (BatchNorm), the masker does not (mirrors the two scripts)."""
-    drop_last = name == "classifier" and n > batch
-    return sum(len(i) for i in data.batch_indices(n, batch, shuffle=False, drop_last=drop_last))
+    """Images one train_one_epoch consumes: both scripts drop a ragged last batch when
+    n > batch (BatchNorm needs more than one sample)."""
+    return sum(len(i) for i in data.batch_indices(n, batch, shuffle=False, drop_last=n > batch))
 
 
 def bench_loop(name, train_set, args, device, amp):

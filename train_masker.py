@@ -87,7 +87,8 @@ def train_one_epoch(model, images, masks, loss_fn, optimizer, batch_size, device
     wrong = torch.zeros((), device=device)
     first_bad, bad_loss = torch.full((), -1, device=device), torch.zeros((), device=device)
     seen, start = 0, time.perf_counter()
-    batches = batch_indices(len(images), batch_size, shuffle=True)[:max_batches]
+    # a last batch of one image breaks BatchNorm's training statistics: drop the ragged tail
+    batches = batch_indices(len(images), batch_size, shuffle=True, drop_last=len(images) > batch_size)[:max_batches]
     for step, idx in enumerate(batches):
         x, m = make_batch(images, masks, idx, device, train=True)
         with amp:
