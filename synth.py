@@ -112,7 +112,7 @@ def _eosinophil(rng, u, v, R, size):
     sep = R * rng.uniform(0.28, 0.38)  # two lobes ("spectacles"), granules fill the cytoplasm
     pts = np.array([[-sep, 0], [sep, 0]]) + rng.normal(0, 0.05 * R, (2, 2)) + [0, R * rng.uniform(-0.2, 0.2)]
     nuc = _chain(u, v, pts, R * rng.uniform(0.25, 0.32, 2), 0.06 * R)
-    grains = 0.8 * _granules(rng, size, size / 48, rng.uniform(0.1, 1.1))  # granule load varies
+    grains = 0.85 * _granules(rng, size, size / 48, rng.uniform(0.1, 0.6))  # granule load varies
     return [0.91, 0.80, 0.78], [(grains, _tex([0.87, 0.54, 0.44], _noise(rng, size, size / 20), 0.08)),
                                 (_alpha(nuc), _tex(NUCLEUS, _noise(rng, size, size / 25), 0.12))]
 
@@ -131,7 +131,7 @@ def _lymphocyte(rng, u, v, R, size):
     rn, e = R * rng.uniform(0.68, 0.88), rng.uniform(0.88, 1.0)  # big round nucleus, thin blue rim
     off = rng.normal(0, 0.05 * R, 2)
     nuc = np.hypot((u - off[0]) * e, (v - off[1]) / e) - rn + 0.03 * R * _noise(rng, size, size / 8)
-    nuc = np.maximum(nuc, rng.uniform(0, 0.3) * R - np.hypot(u - off[0], v - off[1] - rn))  # some are notched
+    nuc = np.maximum(nuc, rng.uniform(0, 0.15) * R - np.hypot(u - off[0], v - off[1] - rn))  # some are notched
     return [0.72, 0.74, 0.88], [(_alpha(nuc), _tex(NUCLEUS * 0.9, _noise(rng, size, size / 22), 0.12))]
 
 
@@ -140,7 +140,7 @@ def _monocyte(rng, u, v, R, size):
     cu, cv = rng.normal(0, 0.06 * R, 2)
     ell = (np.hypot((u - cu) / a, (v - cv) / b) - 1) * b
     bu, bv = cu + rng.normal(0, 0.1 * a), cv + b * rng.uniform(0.95, 1.3)  # the bite sits on one long side
-    bite = np.hypot(u - bu, v - bv) - R * rng.uniform(0.12, 0.38)
+    bite = np.hypot(u - bu, v - bv) - R * rng.uniform(0.22, 0.4)
     vacuoles = 0.5 * _granules(rng, size, size / 16, 1.8)
     return _tex([0.78, 0.77, 0.85], _noise(rng, size, size / 30), 0.03), [
         (vacuoles, [0.92, 0.90, 0.94]),
@@ -223,7 +223,7 @@ def draw_prcc(rng, size):
 
 def _finish(rng, img):
     """Shared stain and scanner variation (hue, saturation, brightness, blur, noise) -> uint8 RGB."""
-    h, sat = rng.normal(0, 0.08), rng.uniform(0.65, 1.3)
+    h, sat = rng.normal(0, 0.06), rng.uniform(0.75, 1.2)
     k = np.full(3, 3 ** -0.5)
     cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
     hue = np.cos(h) * np.eye(3) + np.sin(h) * cross + (1 - np.cos(h)) * np.outer(k, k)  # rotate about grey

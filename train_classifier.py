@@ -230,9 +230,11 @@ def main(argv=None):
                       source=args.init)
     model = model.to(device, memory_format=torch.channels_last)
 
-    # 3. optimizer and schedule: Adam, StepLR halving the lr 7 times over the run
+    # 3. optimizer and schedule: Adam, the lr halved at every seventh of the run
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, round(epochs / 7)), gamma=0.5)
+    # StepLR with step = epochs/7 without rounding it to whole epochs: 7 equal segments, each at
+    # half the lr of the last, whatever the epoch count (round(10/7) = 1 would halve 10 times)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 ** math.floor(7 * e / epochs))
     first, log_rows, saved = 1, [], None
     if resume is not None:
         first, log_rows = continue_from(resume, ckpt_path, model, optimizer, scheduler, train.classes, len(train))
