@@ -11,7 +11,8 @@ ROOT/WBC_100/val/{data,mask}; CAM16/{train,val,test}/{data,mask}/{normal,tumor};
     python data.py synth ROOT     -> writes a synthetic dataset in this layout (synth.py)
 
 Every image is decoded once per (files, size) and cached as a .npy under --cache (default
-ROOT/.cache); a second run reads the cache instead of decoding again.
+./.cache/decoded, never inside the dataset, which may be read-only or shared); a second run
+reads the cache instead of decoding again.
 """
 import argparse
 import contextlib
@@ -36,6 +37,14 @@ IGNORED_DIRS = {"__MACOSX", ".ipynb_checkpoints"}   # tool debris, never classes
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = (1, 10, 50, 100)
+DEFAULT_CACHE = Path(".cache") / "decoded"
+
+
+def cache_folder(flag):
+    """The --cache flag -> a folder, or None for 'none' (no cache)."""
+    return None if flag == "none" else Path(flag or DEFAULT_CACHE)
+
+
 CACHE_VERSION = 2   # bump when decoding changes, so stale caches are not reused
 
 
@@ -261,9 +270,12 @@ def decode_all(kind, paths, size, cache_dir=None, workers=None, log=print):
             out[i] = array.transpose(2, 0, 1) if channels == 3 else array[None]
             shapes[i] = shape
     if cache_dir is not None and paths:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write(npy, lambda f: np.save(f, out))
-        atomic_write(meta_path, lambda f: f.write(json.dumps({"shapes": shapes, "bad": bad}).encode()))
+        try:   # a cache is a speed-up, not a requirement: a read-only or full disk only costs time
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write(npy, lambda f: np.save(f, out))
+            atomic_write(meta_path, lambda f: f.write(json.dumps({"shapes": shapes, "bad": bad}).encode()))
+        except OSError as e:
+            log(f"warning: could not write the decode cache in {cache_dir} ({e}); going on without it")
     return out, shapes, bad
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import (DataError, atomic_write, batch_indices, list_images, load_checkpoint, load_set, make_batch,
+from data import (DataError, atomic_write, cache_folder, batch_indices, list_images, load_checkpoint, load_set, make_batch,
                   pick_device, precision, save_checkpoint, save_json, wbc_dirs)
 
 HERE = Path(__file__).resolve().parent
@@ -357,7 +357,7 @@ def load_val(root, split, size, classes, generated):
     """WBC_100/val at `size`: (images, labels, masks the model saw as 4th channel or None,
     masks to blank with, which masks those are). Blanking uses the ground truth when every val
     image has one, else the generated masks."""
-    dirs, cache = wbc_dirs(root, split), Path(root) / ".cache"   # the training scripts' default cache
+    dirs, cache = wbc_dirs(root, split), cache_folder(None)   # the training scripts' default cache
     gen = load_set(dirs["val_data"], size, classes=list(classes), mask_dirs=[Path(generated) / "val"],
                    cache_dir=cache, log=lambda *_: None)
     gen_masks = gen.masks if gen.has_mask.all() else None

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import (SPLITS, DataError, batch_indices, infer, load_checkpoint, load_resume, load_set, make_batch,
+from data import (SPLITS, DataError, cache_folder, batch_indices, infer, load_checkpoint, load_resume, load_set, make_batch,
                   nonfinite_error, pick_device, plain_args, precision, restore_rng, rng_state, save_checkpoint,
                   save_csv, save_every, save_json, seed_everything, split_epochs, wbc_dirs)
 from losses import check_alpha, class_weights, classification_metrics, confusion_matrix, mask_weighted_ce, weighted_ce
@@ -35,7 +35,7 @@ def parse_args(argv=None):
                    help="generated masks, <masks>/{train,val}/<Class>/<stem>.png "
                         "(default runs/masker_WBC_<split>/masks)")
     g.add_argument("--size", type=int, default=224, help="working size in px")
-    g.add_argument("--cache", default=None, help="decoded-image cache folder (default DATA/.cache; 'none' = off)")
+    g.add_argument("--cache", default=None, help="decoded-image cache folder (default ./.cache/decoded; 'none' = off)")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
     g = p.add_argument_group("mask guidance and loss")
     g.add_argument("--alpha", type=float, nargs=2, metavar=("A1", "A2"), default=None,
@@ -203,7 +203,7 @@ def main(argv=None):
     seed_everything(args.seed)
     device = pick_device(args.device)
     amp, amp_name = precision(device, args.amp)
-    cache = None if args.cache == "none" else Path(args.cache or Path(args.data) / ".cache")
+    cache = cache_folder(args.cache)
     channel = args.mask_mode == "channel"
     ckpt_path = args.out / "checkpoint.pt"
     print(f"device {device} | autocast {amp_name} | size {args.size} | alpha {args.alpha} | "

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import (SPLITS, DataError, batch_indices, infer, load_resume, load_set, make_batch, nonfinite_error,
+from data import (SPLITS, DataError, cache_folder, batch_indices, infer, load_resume, load_set, make_batch, nonfinite_error,
                   pick_device, plain_args, precision, restore_rng, rng_state, save_checkpoint, save_csv, save_every,
                   save_json, save_mask_png, seed_everything, split_epochs, wbc_dirs)
 from losses import MASKER_LOSSES, mask_counts, mask_metrics
@@ -34,7 +34,7 @@ def parse_args(argv=None):
     g.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of the training masks held out for scoring, used only when WBC_100/val/mask "
                         "does not exist")
-    g.add_argument("--cache", default=None, help="decoded-image cache folder (default DATA/.cache; 'none' = off)")
+    g.add_argument("--cache", default=None, help="decoded-image cache folder (default ./.cache/decoded; 'none' = off)")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
     g = p.add_argument_group("model and loss")
     g.add_argument("--loss", default="center", choices=sorted(MASKER_LOSSES), help="center-weighted or plain BCE")
@@ -182,7 +182,7 @@ def main(argv=None):
     seed_everything(args.seed)
     device = pick_device(args.device)
     amp, amp_name = precision(device, args.amp)
-    cache = None if args.cache == "none" else Path(args.cache or Path(args.data) / ".cache")
+    cache = cache_folder(args.cache)
     print(f"device {device} | autocast {amp_name} | size {args.size} | loss {args.loss} | out {args.out}")
     ckpt_path = args.out / "checkpoint.pt"
     resume = load_resume(ckpt_path, args, SAME_FOR_RESUME) if args.resume else None   # before decoding
