@@ -560,6 +560,15 @@ def nonfinite_error(where, step, n_steps, value, saved):
             f"Try a lower --lr or --clip-grad")
 
 
+def run_cli(main):
+    """Run a script's main(): bad input on disk (DataError) ends as one `error: ...` line and exit
+    status 1 instead of a traceback."""
+    try:
+        main()
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def pick_device(name):
     """'auto' -> cuda if available, else cpu."""
     if name == "auto":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from data import (DataError, decode_all, infer, load_checkpoint, load_set, pick_device, precision, save_json,
+from data import (DataError, decode_all, infer, load_checkpoint, load_set, pick_device, precision, run_cli, save_json,
                   scan_folder)
 from losses import classification_metrics, confusion_matrix, mask_counts, mask_metrics
 
@@ -176,7 +176,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    run_cli(main)

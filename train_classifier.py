@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import (SPLITS, DataError, cache_folder, batch_indices, infer, load_checkpoint, load_resume, load_set, make_batch,
-                  nonfinite_error, pick_device, plain_args, precision, restore_rng, rng_state, save_checkpoint,
-                  save_csv, save_every, save_json, seed_everything, split_epochs, wbc_dirs)
+from data import (SPLITS, DataError, batch_indices, cache_folder, infer, load_checkpoint, load_resume, load_set,
+                  make_batch, nonfinite_error, pick_device, plain_args, precision, restore_rng, rng_state, run_cli,
+                  save_checkpoint, save_csv, save_every, save_json, seed_everything, split_epochs, wbc_dirs)
 from losses import check_alpha, class_weights, classification_metrics, confusion_matrix, mask_weighted_ce, weighted_ce
 from resnet_cls import build_classifier, load_backbone
 
@@ -280,7 +280,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    run_cli(main)
