@@ -312,9 +312,8 @@ def run_epoch(name, model, optimizer, train_set, args, device, amp, max_batches=
 
 
 def epoch_images(name, n, batch):
-    """Images one train_one_epoch consumes: both scripts drop a ragged last batch when
-    n > batch (BatchNorm needs more than one sample)."""
-    return sum(len(i) for i in data.batch_indices(n, batch, shuffle=False, drop_last=n > batch))
+    """Images one train_one_epoch consumes (data.train_batches: the scripts' own batching)."""
+    return sum(len(i) for i in data.train_batches(n, batch))
 
 
 def bench_loop(name, train_set, args, device, amp):

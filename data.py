@@ -17,10 +17,11 @@ reads the cache instead of decoding again.
 import argparse
 import contextlib
 import csv
-import io
 import hashlib
+import io
 import json
 import os
+import random
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -374,6 +375,42 @@ def normalize(x):
     return (x - mean) / std
 
 
+def train_batches(n, batch_size, max_batches=None):
+    """Shuffled index batches of one training epoch, at most max_batches of them. The ragged last
+    batch is dropped when there is more than one batch: a batch of one breaks BatchNorm."""
+    return batch_indices(n, batch_size, shuffle=True, drop_last=n > batch_size)[:max_batches]
+
+
+def optimizer_step(loss, model, optimizer, clip_grad=0.0):
+    """Backward, optional clipping of the gradients' total norm (0 = off), one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+
+
+class FirstNonFinite:
+    """The first step of an epoch whose loss was NaN or Inf, kept on the device: an `if` on the
+    loss would wait for the GPU every step; result() reads it once, at the epoch-end sync, so the
+    run can stop naming the step before a checkpoint is written from the broken weights."""
+
+    def __init__(self, device):
+        self.step = torch.full((), -1, device=device)
+        self.loss = torch.zeros((), device=device)
+
+    def update(self, step, loss):
+        """Record `loss` (a 0-dim tensor) of 0-based `step` if it is the first non-finite one."""
+        newly_bad = (self.step < 0) & ~torch.isfinite(loss)
+        self.step = torch.where(newly_bad, step + 1, self.step)
+        self.loss = torch.where(newly_bad, loss.float(), self.loss)
+
+    def result(self, n_steps):
+        """None, or (1-based step, n_steps, loss value) of the first non-finite loss."""
+        first = int(self.step.item())
+        return None if first < 0 else (first, n_steps, self.loss.item())
+
+
 def make_batch(images, masks, idx, device, train, mask_channel=False):
     """Batch `idx` of uint8 images (N, 3, S, S) and masks (N, 1, S, S) or None, on `device`:
     x (B, 3 or 4, S, S) normalised, channels_last, augmented when `train`, the mask appended as
@@ -510,7 +547,6 @@ def plain_args(args):
 def rng_state():
     """Every RNG training draws from, as tensors and plain lists (torch.load(weights_only=True)
     refuses numpy arrays): torch CPU (shuffling, augmentation), CUDA, Python, NumPy."""
-    import random
     version, internal, gauss = random.getstate()
     name, key, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(),
@@ -521,7 +557,6 @@ def rng_state():
 
 def restore_rng(state):
     """Put back what rng_state() saved, so a resumed run draws the same batches and augmentations."""
-    import random
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -607,7 +642,6 @@ def split_epochs(base_epochs, n_split, n_full):
 
 
 def seed_everything(seed):
-    import random
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import (SPLITS, DataError, batch_indices, cache_folder, infer, load_checkpoint, load_resume, load_set,
-                  make_batch, nonfinite_error, pick_device, plain_args, precision, restore_rng, rng_state, run_cli,
-                  save_checkpoint, save_csv, save_every, save_json, seed_everything, split_epochs, wbc_dirs)
+from data import (SPLITS, DataError, FirstNonFinite, cache_folder, infer, load_checkpoint, load_resume, load_set,
+                  make_batch, nonfinite_error, optimizer_step, pick_device, plain_args, precision, restore_rng,
+                  rng_state, run_cli, save_checkpoint, save_csv, save_every, save_json, seed_everything, split_epochs,
+                  train_batches, wbc_dirs)
 from losses import check_alpha, class_weights, classification_metrics, confusion_matrix, mask_weighted_ce, weighted_ce
 from resnet_cls import build_classifier, load_backbone
 
@@ -100,10 +101,9 @@ def train_one_epoch(model, data, optimizer, alpha, class_w, channel, batch_size,
     None or (step, steps, loss) of the first step whose loss was NaN or Inf."""
     model.train()
     total_loss, correct, empty = (torch.zeros((), device=device) for _ in range(3))
-    first_bad, bad_loss = torch.full((), -1, device=device), torch.zeros((), device=device)
+    nonfinite = FirstNonFinite(device)
     seen, start = 0, time.perf_counter()
-    drop_last = len(data) > batch_size   # a last batch of one breaks BatchNorm
-    batches = batch_indices(len(data), batch_size, shuffle=True, drop_last=drop_last)[:max_batches]
+    batches = train_batches(len(data), batch_size, max_batches)
     for step, idx in enumerate(batches):
         x, m = make_batch(data.images, data.masks, idx, device, train=True, mask_channel=channel)
         y = data.labels[idx].to(device, non_blocking=True)
@@ -115,22 +115,13 @@ def train_one_epoch(model, data, optimizer, alpha, class_w, channel, batch_size,
             empty += n_empty
         else:
             loss = weighted_ce(logits, y, class_w)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        optimizer.step()
+        optimizer_step(loss, model, optimizer, clip_grad)
         total_loss += loss.detach() * len(idx)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(idx)
-        # remember the first non-finite step on the device instead of testing it here: an `if` on
-        # the loss would wait for the GPU every step; the epoch-end sync reads it, names the step,
-        # and the run stops before a checkpoint is written from the broken weights
-        newly_bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
-        first_bad = torch.where(newly_bad, step + 1, first_bad)
-        bad_loss = torch.where(newly_bad, loss.detach().float(), bad_loss)
+        nonfinite.update(step, loss.detach())
     elapsed = time.perf_counter() - start
-    bad = None if first_bad.item() < 0 else (int(first_bad.item()), len(batches), bad_loss.item())
+    bad = nonfinite.result(len(batches))
     return total_loss.item() / seen, correct.item() / seen, seen / elapsed, int(empty.item()), bad
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import (SPLITS, DataError, batch_indices, cache_folder, infer, load_resume, load_set, make_batch,
-                  nonfinite_error, pick_device, plain_args, precision, restore_rng, rng_state, run_cli, save_checkpoint,
-                  save_csv, save_every, save_json, save_mask_png, seed_everything, split_epochs, wbc_dirs)
+from data import (SPLITS, DataError, FirstNonFinite, cache_folder, infer, load_resume, load_set, make_batch,
+                  nonfinite_error, optimizer_step, pick_device, plain_args, precision, restore_rng, rng_state, run_cli,
+                  save_checkpoint, save_csv, save_every, save_json, save_mask_png, seed_everything, split_epochs,
+                  train_batches, wbc_dirs)
 from losses import MASKER_LOSSES, mask_counts, mask_metrics
 from unet import build_unet
 
@@ -85,30 +86,21 @@ def train_one_epoch(model, images, masks, loss_fn, optimizer, batch_size, device
     model.train()
     total_loss = torch.zeros((), device=device)
     wrong = torch.zeros((), device=device)
-    first_bad, bad_loss = torch.full((), -1, device=device), torch.zeros((), device=device)
+    nonfinite = FirstNonFinite(device)
     seen, start = 0, time.perf_counter()
-    # a last batch of one image breaks BatchNorm's training statistics: drop the ragged tail
-    batches = batch_indices(len(images), batch_size, shuffle=True, drop_last=len(images) > batch_size)[:max_batches]
+    batches = train_batches(len(images), batch_size, max_batches)
     for step, idx in enumerate(batches):
         x, m = make_batch(images, masks, idx, device, train=True)
         with amp:
             logits = model(x)
         loss = loss_fn(logits, m)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        optimizer.step()
+        optimizer_step(loss, model, optimizer, clip_grad)
         total_loss += loss.detach() * len(idx)
         wrong += ((logits.detach() > 0) != (m > 0.5)).float().mean((1, 2, 3)).sum()
         seen += len(idx)
-        # the first non-finite step is recorded on the device, not tested here: an `if` on the
-        # loss would wait for the GPU every step; the epoch-end sync reads it and names the step
-        newly_bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
-        first_bad = torch.where(newly_bad, step + 1, first_bad)
-        bad_loss = torch.where(newly_bad, loss.detach().float(), bad_loss)
+        nonfinite.update(step, loss.detach())
     elapsed = time.perf_counter() - start
-    bad = None if first_bad.item() < 0 else (int(first_bad.item()), len(batches), bad_loss.item())
+    bad = nonfinite.result(len(batches))
     return total_loss.item() / seen, wrong.item() / seen, seen / elapsed, bad   # one host sync per epoch
 
 
