@@ -12,12 +12,12 @@ synth:
 	$(PY) data.py synth $(DATA) --scale 0.1 --size 128 --seed 0
 
 masker:
-	$(PY) train_masker.py --data $(DATA) --split 100 --pretrain --pretrain-epochs 3 --size $(SIZE) \
-		--epochs 15 --batch-size 8 --out $(RUNS)/masker_WBC_100
+	$(PY) train_masker.py --data $(DATA) --split 100 --pretrain --pretrain-epochs 2 --size $(SIZE) \
+		--epochs 15 --batch-size 8 --lr 2e-3 --out $(RUNS)/masker_WBC_100
 
 classifier:
 	$(PY) train_classifier.py --data $(DATA) --split 100 --alpha -1 1 --size $(SIZE) \
-		--masks $(RUNS)/masker_WBC_100/masks --epochs 7 --batch-size 16 --lr 1e-3 \
+		--masks $(RUNS)/masker_WBC_100/masks --epochs 5 --batch-size 16 --lr 1e-3 \
 		--out $(RUNS)/classifier_WBC_100_alpha-1_1
 
 evaluate:

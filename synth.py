@@ -35,7 +35,7 @@ SUBSETS = (("WBC_50", 0.5), ("WBC_10", 0.1), ("WBC_1", 0.01))
 CAM_COUNTS, CAM_MASKS, PRCC_COUNT = {"train": 757, "val": 108, "test": 216}, 74, 1419
 # Cell radius / image side. Ranges overlap so that size alone cannot name the class.
 CELL_RADIUS = {"Basophil": (0.14, 0.21), "Eosinophil": (0.16, 0.24), "Lymphocyte": (0.13, 0.20),
-               "Monocyte": (0.17, 0.26), "Neutrophil": (0.15, 0.23)}
+               "Monocyte": (0.19, 0.27), "Neutrophil": (0.15, 0.23)}
 # One background tint per class (RGB offsets): visible, but small next to the cell's own colours.
 TINTS = np.array([[12, -5, -3], [-3, 8, -7], [-8, -3, 12], [6, 6, -12], [-10, 6, 6]], np.float32) / 255
 BG, RBC, RBC_PALE = np.array([0.93, 0.86, 0.84]), np.array([0.86, 0.55, 0.58]), np.array([0.93, 0.76, 0.76])
@@ -112,8 +112,8 @@ def _eosinophil(rng, u, v, R, size):
     sep = R * rng.uniform(0.28, 0.38)  # two lobes ("spectacles"), granules fill the cytoplasm
     pts = np.array([[-sep, 0], [sep, 0]]) + rng.normal(0, 0.05 * R, (2, 2)) + [0, R * rng.uniform(-0.2, 0.2)]
     nuc = _chain(u, v, pts, R * rng.uniform(0.25, 0.32, 2), 0.06 * R)
-    grains = 0.85 * _granules(rng, size, size / 48, rng.uniform(0.1, 0.6))  # granule load varies
-    return [0.91, 0.80, 0.78], [(grains, _tex([0.87, 0.54, 0.44], _noise(rng, size, size / 20), 0.08)),
+    grains = 0.9 * _granules(rng, size, size / 48, rng.uniform(-0.6, 0.2))  # granule load varies, always dense
+    return [0.93, 0.70, 0.52], [(grains, _tex([0.95, 0.47, 0.18], _noise(rng, size, size / 20), 0.08)),
                                 (_alpha(nuc), _tex(NUCLEUS, _noise(rng, size, size / 25), 0.12))]
 
 
@@ -142,7 +142,7 @@ def _monocyte(rng, u, v, R, size):
     bu, bv = cu + rng.normal(0, 0.1 * a), cv + b * rng.uniform(0.95, 1.3)  # the bite sits on one long side
     bite = np.hypot(u - bu, v - bv) - R * rng.uniform(0.22, 0.4)
     vacuoles = 0.5 * _granules(rng, size, size / 16, 1.8)
-    return _tex([0.78, 0.77, 0.85], _noise(rng, size, size / 30), 0.03), [
+    return _tex([0.66, 0.70, 0.80], _noise(rng, size, size / 30), 0.03), [
         (vacuoles, [0.92, 0.90, 0.94]),
         (_alpha(np.maximum(ell, -bite)), _tex(NUCLEUS * 1.25, _noise(rng, size, size / 18), 0.15))]
 
