@@ -42,7 +42,7 @@ def test_classifier_with_masks_beats_majority(tiny, masker_run, tmp_path):
     masks, _ = masker_run
     out = tmp_path / "cls"
     metrics = train_classifier.main(["--data", str(tiny), "--split", "100", "--size", "32", "--alpha", "-1", "1",
-                                     "--masks", str(masks / "masks"), "--epochs", "12", "--batch-size", "16",
+                                     "--masks", str(masks / "masks"), "--epochs", "12", "--batch-size", "16", "--lr", "1e-3",
                                      "--out", str(out), "--device", "cpu"])
     assert metrics["accuracy"] > metrics["majority_baseline"] + 0.15
     log = (out / "log.csv").read_text().splitlines()
