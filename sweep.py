@@ -76,12 +76,13 @@ def parse_args(argv=None):
     g = p.add_argument_group("training")
     g.add_argument("--size", type=int, default=64, help="working size in px of both stages (a multiple of 32)")
     # training defaults: those of `make demo`, which learn at 64 px on the synthetic data
-    g.add_argument("--epochs", type=int, default=7, help="classifier epochs for WBC_100 (smaller splits get more)")
+    g.add_argument("--epochs", type=int, default=5, help="classifier epochs for WBC_100 (smaller splits get more)")
     g.add_argument("--batch-size", type=int, default=16, help="classifier images per step")
     g.add_argument("--lr", type=float, default=1e-3, help="classifier Adam learning rate")
     g.add_argument("--masker-epochs", type=int, default=15, help="masker epochs for WBC_100's masks")
     g.add_argument("--masker-batch-size", type=int, default=8, help="masker images per step")
-    g.add_argument("--pretrain-epochs", type=int, default=3, help="masker epochs on CAM16 first (0: none)")
+    g.add_argument("--masker-lr", type=float, default=2e-3, help="masker Adam learning rate")
+    g.add_argument("--pretrain-epochs", type=int, default=2, help="masker epochs on CAM16 first (0: none)")
     g.add_argument("--weights", default=None, help="local torchvision resnet34 state dict: ImageNet init")
     g.add_argument("--pretrained", action="store_true", help="ImageNet init via torchvision's download")
     g.add_argument("--scratch", action="store_true",
@@ -221,7 +222,7 @@ def masker_runs(args, root, init_flags):
                 out = masker_dir(args.out, split, loss, seed)
                 argv = ["--data", str(root), "--split", str(split), "--size", str(args.size), "--loss", loss,
                         "--epochs", str(args.masker_epochs), "--batch-size", str(args.masker_batch_size),
-                        "--seed", str(seed), "--device", args.device,
+                        "--lr", str(args.masker_lr), "--seed", str(seed), "--device", args.device,
                         "--out", str(out)] + init_flags
                 if args.pretrain_epochs:
                     argv += ["--pretrain", "--pretrain-epochs", str(args.pretrain_epochs)]
