@@ -4,8 +4,9 @@ On synthetic 575x575 JPEGs (the course images' size: smooth colour noise, light 
 disc "cell", quality 90, with 0/255 disc mask PNGs), at one --size and --batch, it measures:
 
   (a) model step   forward + backward + Adam step on one fixed float batch already on the
-                   device, channels_last, under the training's autocast (data.precision(device,
-                   'auto')), same loss as (b). The ceiling for (b): no data work at all.
+                   device, with the training scripts' compute flags (data.Compute: channels_last,
+                   autocast, Adam kernel, --compile; the same flags here), same loss as (b). The
+                   ceiling for (b): no data work at all.
   (b) our loop     the real train_one_epoch of train_classifier.py (mask-weighted CE, alpha
                    (-1, 1)) and of train_masker.py (center_bce) on uint8 tensors from
                    data.load_set: steady-state img/s over --epochs timed epochs after a warm-up,
@@ -102,6 +103,7 @@ def parse_args(argv=None):
                         "folder is kept (default: a temporary folder, removed at the end unless --keep)")
     p.add_argument("--keep", action="store_true", help="keep the temporary work folder and the test caches")
     p.add_argument("--json", default=None, help="also write every printed figure to this JSON file")
+    data.add_compute_args(p.add_argument_group("compute path of (a) and (b), as in the training scripts"))
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip() not in ("", "none")]
     if any(m not in MODELS for m in args.models):
@@ -255,60 +257,63 @@ def cache_memory_test(jpgs, size, cache_dir, log):
 
 # ---------------------------------------------------------------------------- (a) the model step
 
-def new_model(name, device):
-    """A fresh model as the training script builds it (random init: speed doesn't depend on weights)."""
-    model = build_classifier(len(CLASSES)) if name == "classifier" else build_unet()
-    model = model.to(device, memory_format=torch.channels_last)
-    return model, torch.optim.Adam(model.parameters(), lr=LRS[name])
+def new_model(name, compute):
+    """A fresh model and Adam as the training script builds them (compute flags applied; random
+    init: speed doesn't depend on weights)."""
+    if name == "classifier":
+        model = compute.prepare(build_classifier(len(CLASSES)), methods=("forward", "forward_map"))
+    else:
+        model = compute.prepare(build_unet())
+    return model, compute.adam(model.parameters(), lr=LRS[name])
 
 
-def train_step(name, model, optimizer, x, y, m, amp):
+def train_step(name, model, optimizer, x, y, m, compute):
     """One step as train_one_epoch does it: autocast forward, fp32 loss, backward, Adam."""
-    with amp:
+    with compute.autocast:
         out = model.forward_map(x) if name == "classifier" else model(x)
     loss = mask_weighted_ce(out, y, m, ALPHA)[0] if name == "classifier" else center_bce(out, m)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    data.optimizer_step(loss, model, optimizer, scaler=compute.scaler)
 
 
-def fixed_batch(batch, size, device):
-    """A normalised-looking float batch, labels and a 0/1 disc mask, on the device, channels_last."""
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+def fixed_batch(batch, size, compute):
+    """A normalised-looking float batch, labels and a 0/1 disc mask, on the device, in the model's memory format."""
+    device = compute.device
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=compute.memory_format)
     y = torch.randint(len(CLASSES), (batch,), device=device)
     r = torch.arange(size, device=device, dtype=torch.float32) - size / 2
     disc = ((r[:, None] ** 2 + r[None, :] ** 2) < (size / 4) ** 2).float()
     return x, y, disc.expand(batch, 1, size, size).contiguous()
 
 
-def flops_per_image(name, model, optimizer, batch, amp):
+def flops_per_image(name, model, optimizer, batch, compute):
     """Conv/matmul FLOPs of one forward + backward, per image."""
     x, y, m = batch
     with FlopCounterMode(display=False) as counter:
-        train_step(name, model, optimizer, x, y, m, amp)
+        train_step(name, model, optimizer, x, y, m, compute)
     return counter.get_total_flops() / x.shape[0]
 
 
-def bench_model_step(name, args, device, amp):
+def bench_model_step(name, args, compute):
     """(a): img/s of train_step on a fixed batch, and FLOPs per image."""
-    model, optimizer = new_model(name, device)
-    batch = fixed_batch(args.batch, args.size, device)
-    flops = flops_per_image(name, model, optimizer, batch, amp)   # doubles as the first warm-up step
+    model, optimizer = new_model(name, compute)
+    batch = fixed_batch(args.batch, args.size, compute)
+    flops = flops_per_image(name, model, optimizer, batch, compute)   # doubles as the first warm-up step
     for _ in range(args.warmup):
-        train_step(name, model, optimizer, *batch, amp)
-    seconds = timed(lambda: [train_step(name, model, optimizer, *batch, amp) for _ in range(args.steps)], device)
+        train_step(name, model, optimizer, *batch, compute)
+    seconds = timed(lambda: [train_step(name, model, optimizer, *batch, compute) for _ in range(args.steps)],
+                    compute.device)
     return args.steps * args.batch / seconds, flops
 
 
 # ---------------------------------------------------------------------------- (b) our loop
 
-def run_epoch(name, model, optimizer, train_set, args, device, amp, max_batches=None):
+def run_epoch(name, model, optimizer, train_set, args, compute, max_batches=None):
     """The training script's own train_one_epoch; returns the img/s it reports itself."""
     if name == "classifier":
         return train_classifier.train_one_epoch(model, train_set, optimizer, ALPHA, None, False, args.batch,
-                                                device, amp, max_batches)[2]
+                                                compute, max_batches)[2]
     return train_masker.train_one_epoch(model, train_set.images, train_set.masks, center_bce, optimizer,
-                                        args.batch, device, amp, max_batches)[2]
+                                        args.batch, compute, max_batches)[2]
 
 
 def epoch_images(name, n, batch):
@@ -316,15 +321,15 @@ def epoch_images(name, n, batch):
     return sum(len(i) for i in data.train_batches(n, batch))
 
 
-def bench_loop(name, train_set, args, device, amp):
+def bench_loop(name, train_set, args, compute):
     """(b): steady-state img/s of the real train_one_epoch, timed from outside with a device
     sync, and the img/s train_one_epoch reports itself (its clock stops before its last sync)."""
-    model, optimizer = new_model(name, device)
+    model, optimizer = new_model(name, compute)
     if args.warmup:
-        run_epoch(name, model, optimizer, train_set, args, device, amp, max_batches=args.warmup)
+        run_epoch(name, model, optimizer, train_set, args, compute, max_batches=args.warmup)
     reported = []
-    seconds = timed(lambda: [reported.append(run_epoch(name, model, optimizer, train_set, args, device, amp))
-                             for _ in range(args.epochs)], device)
+    seconds = timed(lambda: [reported.append(run_epoch(name, model, optimizer, train_set, args, compute))
+                             for _ in range(args.epochs)], compute.device)
     return args.epochs * epoch_images(name, len(train_set), args.batch) / seconds, sum(reported) / len(reported)
 
 
@@ -399,15 +404,15 @@ def fmt_flops(f):
     return f"{f / 1e12:.2f} T" if f >= 1e11 else f"{f / 1e9:.1f} G"
 
 
-def bench_one(name, train_set, train_dir, mask_dir, args, device, amp, peak, log):
+def bench_one(name, train_set, train_dir, mask_dir, args, compute, peak, log):
     """(a), (b), (c) for one model; prints them and returns its figures."""
-    model_img_s, flops = bench_model_step(name, args, device, amp)
+    model_img_s, flops = bench_model_step(name, args, compute)
     log(f"{name:10s} (a) model step  {model_img_s:8.1f} img/s | {fmt_flops(flops)}FLOP/img (fwd+bwd) -> "
         f"{fmt_flops(flops * model_img_s)}FLOP/s = {100 * flops * model_img_s / peak:.1f}% of peak")
-    loop_img_s, reported = bench_loop(name, train_set, args, device, amp)
+    loop_img_s, reported = bench_loop(name, train_set, args, compute)
     log(f"{name:10s} (b) our loop    {loop_img_s:8.1f} img/s | {fmt_flops(flops * loop_img_s)}FLOP/s = "
         f"{100 * flops * loop_img_s / peak:.1f}% of peak (train_one_epoch itself reports {reported:.1f} img/s)")
-    naive_img_s = bench_naive(name, train_dir, mask_dir, args, device)
+    naive_img_s = bench_naive(name, train_dir, mask_dir, args, compute.device)
     log(f"{name:10s} (c) naive loop  {naive_img_s:8.1f} img/s | ImageFolder-style PIL decode + torchvision."
         f"transforms, DataLoader num_workers={args.workers}, fp32 NCHW")
     log(f"{name:10s} b/a {loop_img_s / model_img_s:.3f} | b/c {loop_img_s / naive_img_s:.2f}")
@@ -420,13 +425,12 @@ def bench_one(name, train_set, train_dir, mask_dir, args, device, amp, peak, log
 
 def main(argv=None, log=print):
     args = parse_args(argv)
-    device = data.pick_device(args.device)
-    amp, amp_name = data.precision(device, "auto")
-    log(f"bench | device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-        f"autocast {amp_name} | channels_last on | size {args.size} | batch {args.batch} | "
+    compute = data.Compute(args, data.pick_device(args.device))
+    log(f"bench | device {compute.device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+        f"size {args.size} | batch {args.batch} | "
         f"naive num_workers {args.workers} (os.cpu_count() {os.cpu_count()})")
     with work_folder(args.work, args.keep) as work:
-        result = run(args, work, device, amp, amp_name, log)
+        result = run(args, work, compute, log)
     if args.json:
         data.save_json(result, args.json)
         log(f"wrote {args.json}")
@@ -449,11 +453,14 @@ def work_folder(path, keep):
             shutil.rmtree(work, ignore_errors=True)
 
 
-def run(args, work, device, amp, amp_name, log):
+def run(args, work, compute, log):
     """Every measurement, printed as it comes; returns the figures."""
-    dtype = getattr(amp, "fast_dtype", torch.float32)    # a nullcontext (autocast off) has none: fp32
+    device = compute.device
+    log(f"compute (a) and (b): {compute.describe()}")
+    dtype = getattr(compute.autocast, "fast_dtype", torch.float32)    # a nullcontext (autocast off) has none: fp32
     result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "autocast": amp_name, "channels_last": True, "size": args.size, "batch": args.batch,
+              "compute": compute.settings, "autocast": compute.amp, "channels_last": compute.settings["channels_last"],
+              "size": args.size, "batch": args.batch,
               "workers": args.workers, "images": args.images, "epochs": args.epochs, "steps": args.steps}
     peak = matmul_peak(device, dtype, args.peak_seconds)
     result.update(peak_flops=peak, peak_dtype=str(dtype).removeprefix("torch."))
@@ -469,7 +476,7 @@ def run(args, work, device, amp, amp_name, log):
     train_set, figures = load_timed(train_dir, mask_dir, args.size, work / "cache_loop", log)
     result.update(figures)
     for name in args.models:
-        result[name] = bench_one(name, train_set, train_dir, mask_dir, args, device, amp, peak, log)
+        result[name] = bench_one(name, train_set, train_dir, mask_dir, args, compute, peak, log)
     return result
 
 

@@ -381,13 +381,22 @@ def train_batches(n, batch_size, max_batches=None):
     return batch_indices(n, batch_size, shuffle=True, drop_last=n > batch_size)[:max_batches]
 
 
-def optimizer_step(loss, model, optimizer, clip_grad=0.0):
-    """Backward, optional clipping of the gradients' total norm (0 = off), one optimizer step."""
+def optimizer_step(loss, model, optimizer, clip_grad=0.0, scaler=None):
+    """Backward, optional clipping of the gradients' total norm (0 = off), one optimizer step.
+    With an enabled GradScaler (fp16 autocast) the loss is scaled so small fp16 gradients do not
+    underflow, unscaled before clipping, and a step with Inf/NaN gradients is skipped."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaled = scaler is not None and scaler.is_enabled()
+    (scaler.scale(loss) if scaled else loss).backward()
     if clip_grad:
+        if scaled:
+            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    optimizer.step()
+    if scaled:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 class FirstNonFinite:
@@ -411,10 +420,10 @@ class FirstNonFinite:
         return None if first < 0 else (first, n_steps, self.loss.item())
 
 
-def make_batch(images, masks, idx, device, train, mask_channel=False):
+def make_batch(images, masks, idx, device, train, mask_channel=False, memory_format=torch.channels_last):
     """Batch `idx` of uint8 images (N, 3, S, S) and masks (N, 1, S, S) or None, on `device`:
-    x (B, 3 or 4, S, S) normalised, channels_last, augmented when `train`, the mask appended as
-    4th channel when `mask_channel`; and m (B, 1, S, S) float 0/1 or None."""
+    x (B, 3 or 4, S, S) normalised, in `memory_format` (the model's), augmented when `train`, the
+    mask appended as 4th channel when `mask_channel`; and m (B, 1, S, S) float 0/1 or None."""
     x = to_float(images[idx], device)
     m = None if masks is None else masks[idx].to(device, non_blocking=True).float()
     if train:
@@ -422,16 +431,17 @@ def make_batch(images, masks, idx, device, train, mask_channel=False):
     x = normalize(x)
     if mask_channel:
         x = torch.cat([x, m], dim=1)
-    return x.contiguous(memory_format=torch.channels_last), m
+    return x.contiguous(memory_format=memory_format), m
 
 
 @torch.inference_mode()
-def infer(model, images, masks=None, batch_size=64, device="cpu", amp=contextlib.nullcontext(), mask_channel=False):
+def infer(model, images, masks=None, batch_size=64, device="cpu", amp=contextlib.nullcontext(), mask_channel=False,
+          memory_format=torch.channels_last):
     """model(x) in eval mode for every image, in order: float outputs (N, ...) on the CPU."""
     model.eval()
     out = []
     for idx in batch_indices(len(images), batch_size, shuffle=False):
-        x, _ = make_batch(images, masks if mask_channel else None, idx, device, False, mask_channel)
+        x, _ = make_batch(images, masks if mask_channel else None, idx, device, False, mask_channel, memory_format)
         with amp:
             out.append(model(x).float().cpu())
     return torch.cat(out)
@@ -633,6 +643,59 @@ def precision(device, amp="auto"):
     if amp == "off":
         return contextlib.nullcontext(), "off (fp32)"
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16), amp
+
+
+def add_compute_args(group):
+    """The compute-path flags of both training scripts; Compute applies them and the run log lists them."""
+    group.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+                       help="autocast precision (auto: bf16 on CUDA and on CPUs with bf16 instructions, fp16 with "
+                            "a grad scaler on CUDA without bf16, else off: fp32)")
+    group.add_argument("--channels-last", default="on", choices=("on", "off"), help="NHWC model weights and batches")
+    group.add_argument("--tf32", default="on", choices=("on", "off"), help="CUDA: TF32 matmuls and convolutions")
+    group.add_argument("--cudnn-benchmark", default="on", choices=("on", "off"),
+                       help="CUDA: cuDNN times its convolution algorithms on the first batches and keeps the fastest")
+    group.add_argument("--adam", default="auto", choices=("auto", "fused", "foreach", "loop"),
+                       help="Adam implementation (auto: fused on CUDA, foreach elsewhere); same maths, other kernels")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (needs a C++ compiler on CPU; the first steps are slow)")
+
+
+class Compute:
+    """Where and how a training script runs its model (issue 4's compute path), from the flags of
+    add_compute_args. `describe()` is the run log's line about it."""
+
+    def __init__(self, args, device):
+        self.device = device
+        self.autocast, self.amp = precision(device, args.amp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
+        self.memory_format = torch.channels_last if args.channels_last == "on" else torch.contiguous_format
+        self.compile = args.compile
+        cuda = device.type == "cuda"
+        if cuda:   # process-wide switches: set once here, by the script that owns the process
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+            torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
+        self.adam_impl = ("fused" if cuda else "foreach") if args.adam == "auto" else args.adam
+        self.settings = {"autocast": self.amp, "grad_scaler": "on" if self.scaler.is_enabled() else "off",
+                         "channels_last": args.channels_last,
+                         "tf32": args.tf32 if cuda else "n/a (cpu)",
+                         "cudnn_benchmark": args.cudnn_benchmark if cuda else "n/a (cpu)",
+                         "adam": self.adam_impl, "compile": "on" if self.compile else "off"}
+
+    def describe(self):
+        return " | ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.settings.items())
+
+    def prepare(self, model, methods=("forward",)):
+        """The model on the device in the chosen memory format; with --compile its `methods` are
+        replaced by compiled ones on the instance, so state_dict keys (and checkpoints) stay as they are."""
+        model = model.to(self.device, memory_format=self.memory_format)
+        if self.compile:
+            for name in methods:
+                setattr(model, name, torch.compile(getattr(model, name)))
+        return model
+
+    def adam(self, params, lr):
+        kw = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[self.adam_impl]
+        return torch.optim.Adam(params, lr=lr, **kw)
 
 
 def split_epochs(base_epochs, n_split, n_full):

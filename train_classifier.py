@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import (SPLITS, DataError, FirstNonFinite, cache_folder, infer, load_checkpoint, load_resume, load_set,
-                  make_batch, nonfinite_error, optimizer_step, pick_device, plain_args, precision, restore_rng,
+from data import (SPLITS, Compute, DataError, FirstNonFinite, add_compute_args, cache_folder, infer, load_checkpoint,
+                  load_resume, load_set, make_batch, nonfinite_error, optimizer_step, pick_device, plain_args, restore_rng,
                   rng_state, run_cli, save_checkpoint, save_csv, save_every, save_json, seed_everything, split_epochs,
                   train_batches, wbc_dirs)
 from losses import check_alpha, class_weights, classification_metrics, confusion_matrix, mask_weighted_ce, weighted_ce
@@ -56,8 +56,6 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate; StepLR halves it 7 times")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
-                   help="autocast precision (auto: bf16 where the device runs it fast, else off)")
     g.add_argument("--clip-grad", type=float, default=0.0, metavar="MAX_NORM",
                    help="clip the gradients' total norm to MAX_NORM each step (0 = off)")
     g.add_argument("--dry-run", action="store_true", help="one batch, one epoch: checks the pipeline")
@@ -67,6 +65,7 @@ def parse_args(argv=None):
                         "and at the end (0 = about 20 times per run)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run whose OUT/checkpoint.pt was left by a kill, with the same flags")
+    add_compute_args(p.add_argument_group("speed (each is listed in the run log)"))
     args = p.parse_args(argv)
     if args.alpha is not None:
         if not all(math.isfinite(a) for a in args.alpha):
@@ -94,20 +93,22 @@ def setting_name(alpha, mask_mode, balance):
     return name + ("_balance" if balance else "")
 
 
-def train_one_epoch(model, data, optimizer, alpha, class_w, channel, batch_size, device, amp, max_batches=None,
+def train_one_epoch(model, data, optimizer, alpha, class_w, channel, batch_size, compute, max_batches=None,
                     clip_grad=0.0):
     """One pass over `data` (an ImageSet whose masks are complete when alpha or channel need them).
     Returns mean loss, accuracy, img/s, the count of samples whose mask weights summed to 0, and
     None or (step, steps, loss) of the first step whose loss was NaN or Inf."""
     model.train()
+    device = compute.device
     total_loss, correct, empty = (torch.zeros((), device=device) for _ in range(3))
     nonfinite = FirstNonFinite(device)
     seen, start = 0, time.perf_counter()
     batches = train_batches(len(data), batch_size, max_batches)
     for step, idx in enumerate(batches):
-        x, m = make_batch(data.images, data.masks, idx, device, train=True, mask_channel=channel)
+        x, m = make_batch(data.images, data.masks, idx, device, train=True, mask_channel=channel,
+                          memory_format=compute.memory_format)
         y = data.labels[idx].to(device, non_blocking=True)
-        with amp:
+        with compute.autocast:
             logit_map = model.forward_map(x)                              # (B, C, h, w)
         logits = logit_map.float().mean((2, 3))                           # (B, C)
         if alpha is not None:
@@ -115,7 +116,7 @@ def train_one_epoch(model, data, optimizer, alpha, class_w, channel, batch_size,
             empty += n_empty
         else:
             loss = weighted_ce(logits, y, class_w)
-        optimizer_step(loss, model, optimizer, clip_grad)
+        optimizer_step(loss, model, optimizer, clip_grad, compute.scaler)
         total_loss += loss.detach() * len(idx)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(idx)
@@ -125,9 +126,10 @@ def train_one_epoch(model, data, optimizer, alpha, class_w, channel, batch_size,
     return total_loss.item() / seen, correct.item() / seen, seen / elapsed, int(empty.item()), bad
 
 
-def evaluate(model, data, batch_size, device, amp, channel):
+def evaluate(model, data, batch_size, compute, channel):
     """Plain cross-entropy and accuracy on `data`, and its predictions (N,)."""
-    logits = infer(model, data.images, data.masks, batch_size, device, amp, mask_channel=channel)
+    logits = infer(model, data.images, data.masks, batch_size, compute.device, compute.autocast, mask_channel=channel,
+                   memory_format=compute.memory_format)
     preds = logits.argmax(1)
     return F.cross_entropy(logits, data.labels).item(), (preds == data.labels).float().mean().item(), preds
 
@@ -167,15 +169,15 @@ SAME_FOR_RESUME = ("data", "split", "masks", "size", "alpha", "mask_mode", "bala
                    "init", "epochs", "batch_size", "lr", "seed", "clip_grad", "dry_run")
 
 
-def run_state(model, optimizer, scheduler, epoch, epochs, log_rows, args, classes, n_train):
+def run_state(model, optimizer, scheduler, scaler, epoch, epochs, log_rows, args, classes, n_train):
     """Everything --resume needs to continue after `epoch` as if the run had never stopped."""
     return {"kind": "classifier", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch, "epochs": epochs, "finished": False,
             "log_rows": list(log_rows), "args": plain_args(args), "classes": classes, "train_images": n_train,
-            "rng": rng_state()}
+            "rng": rng_state(), "scaler": scaler.state_dict()}
 
 
-def continue_from(ckpt, path, model, optimizer, scheduler, classes, n_train):
+def continue_from(ckpt, path, model, optimizer, scheduler, scaler, classes, n_train):
     """Load a --resume checkpoint into the new model, optimizer and scheduler and put the RNGs
     back; returns the first epoch still to run and the log rows so far."""
     if ckpt.get("classes") != classes or ckpt.get("train_images") != n_train:
@@ -184,6 +186,8 @@ def continue_from(ckpt, path, model, optimizer, scheduler, classes, n_train):
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):   # fp16 runs only: the grad scaler's current scale
+        scaler.load_state_dict(ckpt["scaler"])
     restore_rng(ckpt["rng"])   # last: nothing after this may draw random numbers before the loop
     print(f"resuming {path} after epoch {ckpt['epoch']}")
     return ckpt["epoch"] + 1, list(ckpt["log_rows"])
@@ -192,13 +196,13 @@ def continue_from(ckpt, path, model, optimizer, scheduler, classes, n_train):
 def main(argv=None):
     args = parse_args(argv)
     seed_everything(args.seed)
-    device = pick_device(args.device)
-    amp, amp_name = precision(device, args.amp)
+    compute = Compute(args, pick_device(args.device))
     cache = cache_folder(args.cache)
     channel = args.mask_mode == "channel"
     ckpt_path = args.out / "checkpoint.pt"
-    print(f"device {device} | autocast {amp_name} | size {args.size} | alpha {args.alpha} | "
-          f"mask mode {args.mask_mode} | balance {args.balance} | out {args.out}")
+    print(f"device {compute.device} | size {args.size} | alpha {args.alpha} | mask mode {args.mask_mode} | "
+          f"balance {args.balance} | out {args.out}")
+    print(f"compute: {compute.describe()}")
     # checkpoint files first: a bad one fails before any image is decoded
     resume = load_resume(ckpt_path, args, SAME_FOR_RESUME) if args.resume else None
     init = load_checkpoint(args.init)["model"] if args.init and resume is None else None
@@ -208,7 +212,7 @@ def main(argv=None):
     n_full = len(list(Path(args.data, "WBC_100", "train", "data").glob("*/*"))) or len(train)
     epochs = 1 if args.dry_run else split_epochs(args.epochs, len(train), n_full)
     counts = train.class_counts()
-    class_w = class_weights(counts).to(device) if args.balance else None
+    class_w = class_weights(counts).to(compute.device) if args.balance else None
     print(f"train {len(train)} images {dict(zip(train.classes, counts))} | val {len(val)} | {epochs} epochs")
 
     # 2. model (a resumed run's weights come from its checkpoint: no ImageNet download)
@@ -219,16 +223,17 @@ def main(argv=None):
         prefix = "encoder." if any(k.startswith("encoder.") for k in init) else "backbone."
         load_backbone(model.backbone, {k[len(prefix):]: v for k, v in init.items() if k.startswith(prefix)},
                       source=args.init)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = compute.prepare(model, methods=("forward", "forward_map"))
 
     # 3. optimizer and schedule: Adam, the lr halved at every seventh of the run
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = compute.adam(model.parameters(), lr=args.lr)
     # StepLR with step = epochs/7 without rounding it to whole epochs: 7 equal segments, each at
     # half the lr of the last, whatever the epoch count (round(10/7) = 1 would halve 10 times)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 ** math.floor(7 * e / epochs))
     first, log_rows, saved = 1, [], None
     if resume is not None:
-        first, log_rows = continue_from(resume, ckpt_path, model, optimizer, scheduler, train.classes, len(train))
+        first, log_rows = continue_from(resume, ckpt_path, model, optimizer, scheduler, compute.scaler, train.classes,
+                                        len(train))
         saved = (ckpt_path, resume["epoch"])
 
     # 4. loop; checkpoint.pt (and log.csv) updated every `every` epochs, for --resume
@@ -237,12 +242,12 @@ def main(argv=None):
     for epoch in range(first, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         loss, acc, speed, empty, bad = train_one_epoch(model, train, optimizer, args.alpha, class_w, channel,
-                                                       args.batch_size, device, amp, 1 if args.dry_run else None,
+                                                       args.batch_size, compute, 1 if args.dry_run else None,
                                                        clip_grad=args.clip_grad)
         if bad is not None:
             raise SystemExit(nonfinite_error(f"epoch {epoch}/{epochs}", *bad, saved))
         scheduler.step()
-        val_loss, val_acc, _ = evaluate(model, val, args.batch_size * 2, device, amp, channel)
+        val_loss, val_acc, _ = evaluate(model, val, args.batch_size * 2, compute, channel)
         eta = (time.perf_counter() - start) / (epoch - first + 1) * (epochs - epoch)
         print(f"epoch {epoch}/{epochs} | train loss {loss:.4f} acc {100 * acc:.2f}% | val loss {val_loss:.4f} "
               f"acc {100 * val_acc:.2f}% | lr {lr:.2e} | {speed:.0f} img/s | ETA {eta:.0f}s"
@@ -250,17 +255,18 @@ def main(argv=None):
         log_rows.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_loss": val_loss,
                          "val_acc": val_acc, "lr": lr, "img_s": speed, "empty_weight_samples": empty})
         if epoch % every == 0 and epoch < epochs:   # the last epoch's state is saved with the report below
-            save_checkpoint(run_state(model, optimizer, scheduler, epoch, epochs, log_rows, args, train.classes,
-                                      len(train)), ckpt_path)
+            save_checkpoint(run_state(model, optimizer, scheduler, compute.scaler, epoch, epochs, log_rows, args,
+                                      train.classes, len(train)), ckpt_path)
             save_csv(log_rows, args.out / "log.csv")
             saved = (ckpt_path, epoch)
 
     # 5. report and final checkpoint
-    _, _, preds = evaluate(model, val, args.batch_size * 2, device, amp, channel)
+    _, _, preds = evaluate(model, val, args.batch_size * 2, compute, channel)
     metrics = classification_metrics(confusion_matrix(val.labels, preds, len(train.classes)), train.classes)
     metrics.update(split=args.split, setting=setting_name(args.alpha, args.mask_mode, args.balance), epochs=epochs,
-                   train_images=len(train), seconds=time.perf_counter() - start)
-    save_checkpoint(run_state(model, optimizer, scheduler, epochs, epochs, log_rows, args, train.classes, len(train))
+                   train_images=len(train), seconds=time.perf_counter() - start, compute=compute.settings)
+    save_checkpoint(run_state(model, optimizer, scheduler, compute.scaler, epochs, epochs, log_rows, args, train.classes,
+                              len(train))
                     | {"finished": True, "metrics": metrics}, ckpt_path)
     save_csv(log_rows, args.out / "log.csv")
     save_json(metrics, args.out / "metrics.json")

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import (SPLITS, DataError, FirstNonFinite, cache_folder, infer, load_resume, load_set, make_batch,
-                  nonfinite_error, optimizer_step, pick_device, plain_args, precision, restore_rng, rng_state, run_cli,
+from data import (SPLITS, Compute, DataError, FirstNonFinite, add_compute_args, cache_folder, infer, load_resume,
+                  load_set, make_batch, nonfinite_error, optimizer_step, pick_device, plain_args, restore_rng, rng_state,
+                  run_cli,
                   save_checkpoint, save_csv, save_every, save_json, save_mask_png, seed_everything, split_epochs,
                   train_batches, wbc_dirs)
 from losses import MASKER_LOSSES, mask_counts, mask_metrics
@@ -51,8 +52,6 @@ def parse_args(argv=None):
     g.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is cell")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
-                   help="autocast precision (auto: bf16 where the device runs it fast, else off)")
     g.add_argument("--clip-grad", type=float, default=0.0, metavar="MAX_NORM",
                    help="clip the gradients' total norm to MAX_NORM each step (0 = off)")
     g.add_argument("--dry-run", action="store_true", help="one batch per epoch, one epoch: checks the pipeline")
@@ -62,6 +61,7 @@ def parse_args(argv=None):
                         "and at the end of each stage (0 = about 20 times per stage)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run whose OUT/checkpoint.pt was left by a kill, with the same flags")
+    add_compute_args(p.add_argument_group("speed (each is listed in the run log)"))
     args = p.parse_args(argv)
     if args.size % 32:
         p.error(f"--size {args.size}: the UNet needs a multiple of 32")
@@ -79,22 +79,23 @@ def parse_args(argv=None):
     return args
 
 
-def train_one_epoch(model, images, masks, loss_fn, optimizer, batch_size, device, amp, max_batches=None,
+def train_one_epoch(model, images, masks, loss_fn, optimizer, batch_size, compute, max_batches=None,
                     clip_grad=0.0):
     """One pass over (images (N, 3, S, S) uint8, masks (N, 1, S, S) uint8). Returns loss, pixel
     error, img/s, and None or (step, steps, loss) of the first step whose loss was NaN or Inf."""
     model.train()
+    device = compute.device
     total_loss = torch.zeros((), device=device)
     wrong = torch.zeros((), device=device)
     nonfinite = FirstNonFinite(device)
     seen, start = 0, time.perf_counter()
     batches = train_batches(len(images), batch_size, max_batches)
     for step, idx in enumerate(batches):
-        x, m = make_batch(images, masks, idx, device, train=True)
-        with amp:
+        x, m = make_batch(images, masks, idx, device, train=True, memory_format=compute.memory_format)
+        with compute.autocast:
             logits = model(x)
         loss = loss_fn(logits, m)
-        optimizer_step(loss, model, optimizer, clip_grad)
+        optimizer_step(loss, model, optimizer, clip_grad, compute.scaler)
         total_loss += loss.detach() * len(idx)
         wrong += ((logits.detach() > 0) != (m > 0.5)).float().mean((1, 2, 3)).sum()
         seen += len(idx)
@@ -104,20 +105,24 @@ def train_one_epoch(model, images, masks, loss_fn, optimizer, batch_size, device
     return total_loss.item() / seen, wrong.item() / seen, seen / elapsed, bad   # one host sync per epoch
 
 
-def predict(model, images, batch_size, device, amp):
-    """(N, 3, S, S) uint8 -> (N, 1, S, S) float cell probabilities."""
-    return torch.sigmoid(infer(model, images, batch_size=batch_size, device=device, amp=amp))
+INFER_BATCH = 64   # inference keeps no activations for backward: big batches keep the device busy
 
 
-def score(model, images, masks, batch_size, device, amp, threshold):
+def predict(model, images, compute):
+    """(N, 3, S, S) uint8 -> (N, 1, S, S) float cell probabilities (inference_mode, see data.infer)."""
+    return torch.sigmoid(infer(model, images, batch_size=INFER_BATCH, device=compute.device, amp=compute.autocast,
+                               memory_format=compute.memory_format))
+
+
+def score(model, images, masks, compute, threshold):
     """pixel_error, iou, dice of predicted vs true masks at the working size."""
-    prob = predict(model, images, batch_size, device, amp)
+    prob = predict(model, images, compute)
     return mask_metrics(mask_counts(prob > threshold, masks > 0))
 
 
-def write_masks(model, image_set, folder, batch_size, device, amp, threshold):
+def write_masks(model, image_set, folder, compute, threshold):
     """A 0/255 PNG at folder/<Class>/<stem>.png for every image, at the image's own size."""
-    prob = predict(model, image_set.images, batch_size * 2, device, amp)
+    prob = predict(model, image_set.images, compute)
     for i, path in enumerate(image_set.paths):
         w, h = image_set.sizes[i]
         full = F.interpolate(prob[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
@@ -130,31 +135,34 @@ SAME_FOR_RESUME = ("data", "split", "size", "holdout", "loss", "pretrain", "pret
                    "epochs", "batch_size", "lr", "seed", "clip_grad", "dry_run")
 
 
-def run_state(model, optimizer, scheduler, stage, epoch, log_rows, args):
+def run_state(model, optimizer, scheduler, scaler, stage, epoch, log_rows, args):
     """Everything --resume needs to continue after `epoch` of `stage` as if never stopped."""
     return {"kind": "masker", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "stage": stage, "epoch": epoch, "finished": False,
-            "log_rows": list(log_rows), "args": plain_args(args), "rng": rng_state()}
+            "log_rows": list(log_rows), "args": plain_args(args), "rng": rng_state(),
+            "scaler": scaler.state_dict()}
 
 
-def fit(model, stage, images, masks, epochs, args, device, amp, log_rows, saved=None, resume=None, last_stage=True):
+def fit(model, stage, images, masks, epochs, args, compute, log_rows, saved=None, resume=None, last_stage=True):
     """Adam + cosine decay over `epochs`; one log line (and CSV row) per epoch. checkpoint.pt is
     updated every few epochs and at the end of a stage that is not the last; `resume` (a
     checkpoint of this stage) continues after its epoch. Returns the last save (path, epoch) and
     the state at the end of the stage (the final checkpoint's content)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = compute.adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     loss_fn = MASKER_LOSSES[args.loss]
     first, ckpt_path, every = 1, args.out / "checkpoint.pt", save_every(epochs, args.save_every)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):   # fp16 runs only: the grad scaler's current scale
+            compute.scaler.load_state_dict(resume["scaler"])
         restore_rng(resume["rng"])   # last: nothing after this may draw random numbers before the loop
         first = resume["epoch"] + 1
     for epoch in range(first, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loss, err, speed, bad = train_one_epoch(model, images, masks, loss_fn, optimizer, args.batch_size, device,
-                                                amp, max_batches=1 if args.dry_run else None,
+        loss, err, speed, bad = train_one_epoch(model, images, masks, loss_fn, optimizer, args.batch_size, compute,
+                                                max_batches=1 if args.dry_run else None,
                                                 clip_grad=args.clip_grad)
         if bad is not None:
             raise SystemExit(nonfinite_error(f"{stage} epoch {epoch}/{epochs}", *bad, saved))
@@ -163,19 +171,20 @@ def fit(model, stage, images, masks, epochs, args, device, amp, log_rows, saved=
               f"lr {lr:.2e} | {speed:.0f} img/s", flush=True)
         log_rows.append({"stage": stage, "epoch": epoch, "loss": loss, "pixel_error": err, "lr": lr, "img_s": speed})
         if (epoch % every == 0 and epoch < epochs) or (epoch == epochs and not last_stage):
-            save_checkpoint(run_state(model, optimizer, scheduler, stage, epoch, log_rows, args), ckpt_path)
+            save_checkpoint(run_state(model, optimizer, scheduler, compute.scaler, stage, epoch, log_rows, args),
+                            ckpt_path)
             save_csv(log_rows, args.out / "log.csv")
             saved = (ckpt_path, f"{epoch} of stage {stage}")
-    return saved, run_state(model, optimizer, scheduler, stage, epochs, log_rows, args)
+    return saved, run_state(model, optimizer, scheduler, compute.scaler, stage, epochs, log_rows, args)
 
 
 def main(argv=None):
     args = parse_args(argv)
     seed_everything(args.seed)
-    device = pick_device(args.device)
-    amp, amp_name = precision(device, args.amp)
+    compute = Compute(args, pick_device(args.device))
     cache = cache_folder(args.cache)
-    print(f"device {device} | autocast {amp_name} | size {args.size} | loss {args.loss} | out {args.out}")
+    print(f"device {compute.device} | size {args.size} | loss {args.loss} | out {args.out}")
+    print(f"compute: {compute.describe()}")
     ckpt_path = args.out / "checkpoint.pt"
     resume = load_resume(ckpt_path, args, SAME_FOR_RESUME) if args.resume else None   # before decoding
     if resume is not None and resume.get("stage") not in ("cam16", "wbc"):
@@ -208,7 +217,7 @@ def main(argv=None):
 
     # 2. model (a resumed run's weights come from its checkpoint: no ImageNet download)
     model = build_unet(args.pretrained and resume is None, args.weights if resume is None else None)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = compute.prepare(model)
     log_rows, saved = [], None
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -224,27 +233,25 @@ def main(argv=None):
             raise DataError(f"{Path(args.data, 'CAM16', 'train', 'mask')}: --pretrain found no CAM16 masks")
         print(f"pretrain on {len(cam)} CAM16 masks for {args.pretrain_epochs} epochs")
         saved, _ = fit(model, "cam16", cam.images, cam.masks, 1 if args.dry_run else args.pretrain_epochs, args,
-                       device, amp, log_rows, saved, resume, last_stage=False)
+                       compute, log_rows, saved, resume, last_stage=False)
     wbc_resume = resume if resume is not None and resume["stage"] == "wbc" else None
-    _, state = fit(model, "wbc", labelled.images, labelled.masks, epochs, args, device, amp, log_rows, saved,
-                   wbc_resume)
+    _, state = fit(model, "wbc", labelled.images, labelled.masks, epochs, args, compute, log_rows, saved, wbc_resume)
 
     # 5. scores, checkpoint, masks for every image
-    metrics = {"train": score(model, labelled.images, labelled.masks, args.batch_size, device, amp, args.threshold)}
+    metrics = {"train": score(model, labelled.images, labelled.masks, compute, args.threshold)}
     if held_out is not None:
-        metrics["held_out"] = score(model, held_out.images, held_out.masks, args.batch_size, device, amp,
-                                    args.threshold)
-    metrics.update(split=args.split, loss=args.loss, pretrain=args.pretrain, n_masks=len(labelled), epochs=epochs)
+        metrics["held_out"] = score(model, held_out.images, held_out.masks, compute, args.threshold)
+    metrics.update(split=args.split, loss=args.loss, pretrain=args.pretrain, n_masks=len(labelled), epochs=epochs,
+                   compute=compute.settings)
     args.out.mkdir(parents=True, exist_ok=True)
     # saved before the masks are drawn: a run killed while writing them resumes straight to writing them
     save_checkpoint(state | {"finished": True, "metrics": metrics}, ckpt_path)
     save_csv(log_rows, args.out / "log.csv")
-    n_train = write_masks(model, train_all, args.out / "masks" / "train", args.batch_size, device, amp,
-                          args.threshold)
-    n_val = write_masks(model, val_all, args.out / "masks" / "val", args.batch_size, device, amp, args.threshold)
+    n_train = write_masks(model, train_all, args.out / "masks" / "train", compute, args.threshold)
+    n_val = write_masks(model, val_all, args.out / "masks" / "val", compute, args.threshold)
     save_json(metrics, args.out / "metrics.json")
     for name, m in metrics.items():
-        if isinstance(m, dict):
+        if name in ("train", "held_out"):
             print(f"{name}: pixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | Dice {m['dice']:.3f}")
     print(f"wrote {args.out / 'checkpoint.pt'}, {args.out / 'metrics.json'}, {args.out / 'log.csv'} and "
           f"{n_train} + {n_val} masks under {args.out / 'masks'}/{{train,val}}")
