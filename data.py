@@ -698,6 +698,12 @@ class Compute:
         return torch.optim.Adam(params, lr=lr, **kw)
 
 
+def runs_folder(dry_run):
+    """Default home of the scripts' outputs. A --dry-run's (one batch: untrained weights, useless
+    masks) goes to runs/dry_run, so a real run never reads it by default."""
+    return Path("runs/dry_run" if dry_run else "runs")
+
+
 def split_epochs(base_epochs, n_split, n_full):
     """Epochs for a split of n_split images so that epochs x images matches base_epochs x n_full
     (SPEC 3: WBC_1 gets ~100x the epochs of WBC_100)."""

@@ -96,3 +96,15 @@ def test_fast_and_plain_paths_train_the_same_model(tmp_path, capsys):
     assert fast_loss[0] == pytest.approx(plain_loss[0], rel=1e-4)
     assert fast_loss == pytest.approx(plain_loss, rel=1e-2, abs=1e-3)
     assert fast["accuracy"] == plain["accuracy"]
+
+
+def test_dry_run_defaults_never_touch_a_real_runs_files():
+    """A --dry-run (one batch: useless masks) writes and reads runs/dry_run/..., so a later real
+    classifier does not pick up its masks from the default folder."""
+    import train_masker
+    real, dry = train_masker.parse_args([]), train_masker.parse_args(["--dry-run"])
+    assert str(real.out) == "runs/masker_WBC_10" and str(dry.out) == "runs/dry_run/masker_WBC_10"
+    cls = train_classifier.parse_args(["--alpha", "-1", "1", "--dry-run"])
+    assert str(cls.masks) == "runs/dry_run/masker_WBC_10/masks"
+    assert str(cls.out) == "runs/dry_run/classifier_WBC_10_alpha-1_1"
+    assert str(train_classifier.parse_args(["--alpha", "-1", "1"]).masks) == "runs/masker_WBC_10/masks"

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from data import (SPLITS, Compute, DataError, FirstNonFinite, add_compute_args, cache_folder, infer, load_checkpoint,
                   load_resume, load_set, make_batch, nonfinite_error, optimizer_step, pick_device, plain_args, restore_rng,
-                  rng_state, run_cli, save_checkpoint, save_csv, save_every, save_json, seed_everything, split_epochs,
-                  train_batches, wbc_dirs)
+                  rng_state, run_cli, runs_folder, save_checkpoint, save_csv, save_every, save_json, seed_everything,
+                  split_epochs, train_batches, wbc_dirs)
 from losses import check_alpha, class_weights, classification_metrics, confusion_matrix, mask_weighted_ce, weighted_ce
 from resnet_cls import build_classifier, load_backbone
 
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     g.add_argument("--clip-grad", type=float, default=0.0, metavar="MAX_NORM",
                    help="clip the gradients' total norm to MAX_NORM each step (0 = off)")
     g.add_argument("--dry-run", action="store_true", help="one batch, one epoch: checks the pipeline")
-    g.add_argument("--out", default=None, help="output folder (default runs/classifier_WBC_<split>_<setting>)")
+    g.add_argument("--out", default=None, help="output folder (default runs/classifier_WBC_<split>_<setting>; runs/dry_run/... with --dry-run)")
     g.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="update OUT/checkpoint.pt (with optimizer and RNG states, for --resume) every N epochs "
                         "and at the end (0 = about 20 times per run)")
@@ -80,8 +80,10 @@ def parse_args(argv=None):
         p.error("--clip-grad and --save-every must be >= 0 (0 = off / auto)")
     if sum(bool(x) for x in (args.pretrained, args.weights, args.init)) > 1:
         p.error("--pretrained, --weights and --init each set the starting weights: pick one")
-    args.masks = Path(args.masks or f"runs/masker_WBC_{args.split}/masks")
-    args.out = Path(args.out or f"runs/classifier_WBC_{args.split}_{setting_name(args.alpha, args.mask_mode, args.balance)}")
+    runs = runs_folder(args.dry_run)   # a dry run reads and writes runs/dry_run/..., never a real run's files
+    args.masks = Path(args.masks or runs / f"masker_WBC_{args.split}" / "masks")
+    setting = setting_name(args.alpha, args.mask_mode, args.balance)
+    args.out = Path(args.out or runs / f"classifier_WBC_{args.split}_{setting}")
     return args
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from data import (SPLITS, Compute, DataError, FirstNonFinite, add_compute_args, cache_folder, infer, load_resume,
                   load_set, make_batch, nonfinite_error, optimizer_step, pick_device, plain_args, restore_rng, rng_state,
-                  run_cli,
+                  run_cli, runs_folder,
                   save_checkpoint, save_csv, save_every, save_json, save_mask_png, seed_everything, split_epochs,
                   train_batches, wbc_dirs)
 from losses import MASKER_LOSSES, mask_counts, mask_metrics
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     g.add_argument("--clip-grad", type=float, default=0.0, metavar="MAX_NORM",
                    help="clip the gradients' total norm to MAX_NORM each step (0 = off)")
     g.add_argument("--dry-run", action="store_true", help="one batch per epoch, one epoch: checks the pipeline")
-    g.add_argument("--out", default=None, help="output folder (default runs/masker_WBC_<split>)")
+    g.add_argument("--out", default=None, help="output folder (default runs/masker_WBC_<split>; runs/dry_run/... with --dry-run)")
     g.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="update OUT/checkpoint.pt (with optimizer and RNG states, for --resume) every N epochs "
                         "and at the end of each stage (0 = about 20 times per stage)")
@@ -75,7 +75,7 @@ def parse_args(argv=None):
         p.error("--holdout is a fraction in [0, 1)")
     if args.pretrained and args.weights:
         p.error("--pretrained and --weights both set the encoder's weights: pick one")
-    args.out = Path(args.out or f"runs/masker_WBC_{args.split}")
+    args.out = Path(args.out or runs_folder(args.dry_run) / f"masker_WBC_{args.split}")
     return args
 
 
