@@ -645,6 +645,29 @@ def precision(device, amp="auto"):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16), amp
 
 
+def add_run_args(group, out_default, per="run"):
+    """The run-control flags of both training scripts: seed, device, clipping, dry run, output
+    folder, resume checkpoints. `per` ("run" or "stage") is what --save-every's auto mode counts in."""
+    group.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    group.add_argument("--clip-grad", type=float, default=0.0, metavar="MAX_NORM",
+                       help="clip the gradients' total norm to MAX_NORM each step (0 = off)")
+    group.add_argument("--dry-run", action="store_true", help="one batch per epoch, one epoch: checks the pipeline")
+    group.add_argument("--out", default=None,
+                       help=f"output folder (default runs/{out_default}; runs/dry_run/... with --dry-run)")
+    group.add_argument("--save-every", type=int, default=0, metavar="N",
+                       help="update OUT/checkpoint.pt (with optimizer and RNG states, for --resume) every N epochs "
+                            f"and at the end of each {per} (0 = about 20 times per {per})")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run whose OUT/checkpoint.pt was left by a kill, with the same flags")
+
+
+def check_run_args(parser, args):
+    """Refuse run-control values no run can use (parser.error exits with status 2)."""
+    if not (0 <= args.clip_grad < float("inf")) or args.save_every < 0:
+        parser.error("--clip-grad and --save-every must be >= 0 (0 = off / auto)")
+
+
 def add_compute_args(group):
     """The compute-path flags of both training scripts; Compute applies them and the run log lists them."""
     group.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),

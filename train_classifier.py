@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import (SPLITS, Compute, DataError, FirstNonFinite, add_compute_args, cache_folder, infer, load_checkpoint,
-                  load_resume, load_set, make_batch, nonfinite_error, optimizer_step, pick_device, plain_args, restore_rng,
-                  rng_state, run_cli, runs_folder, save_checkpoint, save_csv, save_every, save_json, seed_everything,
-                  split_epochs, train_batches, wbc_dirs)
+from data import (SPLITS, Compute, DataError, FirstNonFinite, add_compute_args, add_run_args, cache_folder,
+                  check_run_args, infer, load_checkpoint, load_resume, load_set, make_batch, nonfinite_error,
+                  optimizer_step, pick_device, plain_args, restore_rng, rng_state, run_cli, runs_folder,
+                  save_checkpoint, save_csv, save_every, save_json, seed_everything, split_epochs, train_batches,
+                  wbc_dirs)
 from losses import check_alpha, class_weights, classification_metrics, confusion_matrix, mask_weighted_ce, weighted_ce
 from resnet_cls import build_classifier, load_backbone
 
@@ -54,17 +55,7 @@ def parse_args(argv=None):
                    help="epochs for WBC_100; smaller splits get more so every split sees as many images")
     g.add_argument("--batch-size", type=int, default=32, help="images per step")
     g.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate; StepLR halves it 7 times")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--clip-grad", type=float, default=0.0, metavar="MAX_NORM",
-                   help="clip the gradients' total norm to MAX_NORM each step (0 = off)")
-    g.add_argument("--dry-run", action="store_true", help="one batch, one epoch: checks the pipeline")
-    g.add_argument("--out", default=None, help="output folder (default runs/classifier_WBC_<split>_<setting>; runs/dry_run/... with --dry-run)")
-    g.add_argument("--save-every", type=int, default=0, metavar="N",
-                   help="update OUT/checkpoint.pt (with optimizer and RNG states, for --resume) every N epochs "
-                        "and at the end (0 = about 20 times per run)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run whose OUT/checkpoint.pt was left by a kill, with the same flags")
+    add_run_args(g, "classifier_WBC_<split>_<setting>", per="run")
     add_compute_args(p.add_argument_group("speed (each is listed in the run log)"))
     args = p.parse_args(argv)
     if args.alpha is not None:
@@ -76,8 +67,7 @@ def parse_args(argv=None):
             p.error(f"--alpha: {e}")
     if not (0 < args.lr < math.inf) or args.epochs < 1 or args.batch_size < 1 or args.size < 32:
         p.error("--lr, --epochs and --batch-size must be positive (and finite) and --size at least 32")
-    if not (0 <= args.clip_grad < math.inf) or args.save_every < 0:
-        p.error("--clip-grad and --save-every must be >= 0 (0 = off / auto)")
+    check_run_args(p, args)
     if sum(bool(x) for x in (args.pretrained, args.weights, args.init)) > 1:
         p.error("--pretrained, --weights and --init each set the starting weights: pick one")
     runs = runs_folder(args.dry_run)   # a dry run reads and writes runs/dry_run/..., never a real run's files

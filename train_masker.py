@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import (SPLITS, Compute, DataError, FirstNonFinite, add_compute_args, cache_folder, infer, load_resume,
-                  load_set, make_batch, nonfinite_error, optimizer_step, pick_device, plain_args, restore_rng, rng_state,
-                  run_cli, runs_folder,
-                  save_checkpoint, save_csv, save_every, save_json, save_mask_png, seed_everything, split_epochs,
-                  train_batches, wbc_dirs)
+from data import (SPLITS, Compute, DataError, FirstNonFinite, add_compute_args, add_run_args, cache_folder,
+                  check_run_args, infer, load_resume, load_set, make_batch, nonfinite_error, optimizer_step,
+                  pick_device, plain_args, restore_rng, rng_state, run_cli, runs_folder, save_checkpoint, save_csv,
+                  save_every, save_json, save_mask_png, seed_everything, split_epochs, train_batches, wbc_dirs)
 from losses import MASKER_LOSSES, mask_counts, mask_metrics
 from unet import build_unet
 
@@ -50,25 +49,14 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=16, help="images per step")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to 0)")
     g.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is cell")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--clip-grad", type=float, default=0.0, metavar="MAX_NORM",
-                   help="clip the gradients' total norm to MAX_NORM each step (0 = off)")
-    g.add_argument("--dry-run", action="store_true", help="one batch per epoch, one epoch: checks the pipeline")
-    g.add_argument("--out", default=None, help="output folder (default runs/masker_WBC_<split>; runs/dry_run/... with --dry-run)")
-    g.add_argument("--save-every", type=int, default=0, metavar="N",
-                   help="update OUT/checkpoint.pt (with optimizer and RNG states, for --resume) every N epochs "
-                        "and at the end of each stage (0 = about 20 times per stage)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run whose OUT/checkpoint.pt was left by a kill, with the same flags")
+    add_run_args(g, "masker_WBC_<split>", per="stage")
     add_compute_args(p.add_argument_group("speed (each is listed in the run log)"))
     args = p.parse_args(argv)
     if args.size % 32:
         p.error(f"--size {args.size}: the UNet needs a multiple of 32")
     if not (0 < args.lr < math.inf) or args.epochs < 1 or args.batch_size < 1 or args.pretrain_epochs < 1:
         p.error("--lr, --epochs, --pretrain-epochs and --batch-size must be positive (and finite)")
-    if not (0 <= args.clip_grad < math.inf) or args.save_every < 0:
-        p.error("--clip-grad and --save-every must be >= 0 (0 = off / auto)")
+    check_run_args(p, args)
     if not 0 <= args.threshold <= 1:
         p.error("--threshold is a probability in [0, 1]")
     if not 0 <= args.holdout < 1:
