@@ -1,4 +1,4 @@
-"""Score a classifier or a masker (SPEC section 4).
+"""Score a classifier or a masker.
 
     python evaluate.py runs/classifier_WBC_10_alpha-1_1/checkpoint.pt             # on DATA/WBC_100/val
     python evaluate.py CKPT --data some/other/<Class>/<image>/folder --json r.json # any class folder
@@ -10,13 +10,15 @@ balanced accuracy, macro F1, the majority baseline and the confusion matrix.
 Masker: pixel error, IoU and Dice of the cell class. --json writes the same numbers.
 """
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
-from data import (DataError, decode_all, infer, load_checkpoint, load_set, pick_device, precision, run_cli, save_json,
-                  scan_folder)
+from data import DataError, decode_all, infer, load_checkpoint, load_set, save_json, scan_folder
 from losses import classification_metrics, confusion_matrix, mask_counts, mask_metrics
+from resnet_cls import ResNetClassifier
+from unet import UNet
 
 
 def parse_args(argv=None):
@@ -24,12 +26,11 @@ def parse_args(argv=None):
     p.add_argument("checkpoint", nargs="?", help="a checkpoint.pt of train_classifier.py or train_masker.py")
     p.add_argument("--data", default=None,
                    help="dataset root (scores WBC_100/val) or a <Class>/<image> folder (default: the run's --data)")
-    p.add_argument("--masks", default=None,
-                   help="mask folder <Class>/<stem>.png of the scored images, for a --mask-mode channel classifier "
-                        "(default: the run's masks/val)")
+    p.add_argument("--mask-dir", help="masks <Class>/<stem>.png of the scored images, for a --mask-mode channel "
+                                      "classifier (default: the run's --masks/val)")
     p.add_argument("--pred-masks", default=None, help="folder of predicted masks <Class>/<stem>.png")
     p.add_argument("--true-masks", default=None, help="folder of ground-truth masks <Class>/<stem>.<ext>")
-    p.add_argument("--size", type=int, default=None, help="working size (default: the checkpoint's; 224 for folders)")
+    p.add_argument("--size", type=int, help="working size (default: the checkpoint's; 224 for --pred-masks)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
@@ -38,6 +39,13 @@ def parse_args(argv=None):
         p.error("--pred-masks and --true-masks go together")
     if not args.checkpoint and not args.pred_masks:
         p.error("give a checkpoint, or --pred-masks and --true-masks")
+    if args.batch_size < 1 or (args.size is not None and args.size < 32):
+        p.error("--batch-size must be >= 1 and --size >= 32")
+    if args.json and Path(args.json).is_dir():
+        p.error(f"--json {args.json}: is a folder; give a file name")
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device != "cpu" and not torch.cuda.is_available()):
+        p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")
     return args
 
 
@@ -69,7 +77,6 @@ def run_setting(ckpt, key, path):
 
 
 def evaluate_classifier(ckpt, args, device):
-    from resnet_cls import ResNetClassifier
     run = ckpt["args"]
     classes = ckpt.get("classes")
     if not classes:
@@ -79,13 +86,12 @@ def evaluate_classifier(ckpt, args, device):
     load_weights(model, ckpt, args.checkpoint, f"a {len(classes)}-class, {4 if channel else 3}-channel ResNet34")
     size = args.size or run_setting(ckpt, "size", args.checkpoint)
     folder = class_folder(args.data or run_setting(ckpt, "data", args.checkpoint))
-    masks = Path(args.masks) if args.masks else Path(run.get("masks", "masks")) / "val"
+    masks = Path(args.mask_dir) if args.mask_dir else Path(run.get("masks", "masks")) / "val"
     data = load_set(folder, size, classes=classes, mask_dirs=[masks] if channel else [])
     if channel and not data.has_mask.all():
         raise DataError(f"{masks}: a mask-channel classifier needs a mask for every image of {folder}")
-    amp, _ = precision(device, "auto")
     logits = infer(model.to(device, memory_format=torch.channels_last), data.images, data.masks,
-                   args.batch_size, device, amp, mask_channel=channel)
+                   args.batch_size, device, autocast(device), mask_channel=channel)
     metrics = classification_metrics(confusion_matrix(data.labels, logits.argmax(1), len(classes)), classes)
     metrics["data"] = str(folder)
     print_classifier_report(metrics, classes, f"{args.checkpoint} on {folder} ({len(data)} images)")
@@ -111,18 +117,19 @@ def print_classifier_report(m, classes, title):
 
 
 def evaluate_masker(ckpt, args, device):
-    from unet import UNet
     run = ckpt["args"]
     model = UNet()
     load_weights(model, ckpt, args.checkpoint, "the UNet")
     size = args.size or run_setting(ckpt, "size", args.checkpoint)
+    if size % 32:
+        raise SystemExit(f"--size {size}: the UNet needs a multiple of 32")
     folder = class_folder(args.data or run_setting(ckpt, "data", args.checkpoint))
     data = load_set(folder, size, mask_dirs=[mask_folder(folder)])
     data = data.subset(data.has_mask)
     if len(data) == 0:
         raise DataError(f"{mask_folder(folder)}: no ground-truth masks to score the masker against")
-    amp, _ = precision(device, "auto")
-    logits = infer(model.to(device, memory_format=torch.channels_last), data.images, None, args.batch_size, device, amp)
+    logits = infer(model.to(device, memory_format=torch.channels_last), data.images, None, args.batch_size, device,
+                   autocast(device))
     threshold = torch.logit(torch.tensor(run.get("threshold", 0.5))).item()
     metrics = mask_metrics(mask_counts(logits > threshold, data.masks > 0))
     metrics.update(data=str(folder), n=len(data))
@@ -153,9 +160,14 @@ def print_masker_report(m, title):
     print(f"pixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | Dice {m['dice']:.3f}")
 
 
+def autocast(device):
+    """bf16 on CUDA, fp32 elsewhere: scores do not depend on the CPU's instructions."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = torch.device(args.device)
     if args.pred_masks:
         metrics = compare_mask_folders(args.pred_masks, args.true_masks, args.size or 224)
     else:
@@ -176,4 +188,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

@@ -11,6 +11,8 @@ Stage 2 (classifier), logit map L (B, C, h, w) from resnet_cls.py:
     class_weights(counts)                           1/count, rescaled to mean 1 (--balance)
 Metrics: confusion_matrix, classification_metrics, mask_counts, mask_metrics.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -50,12 +52,15 @@ MASKER_LOSSES = {"bce": bce, "center": center_bce}
 # ---------------------------------------------------------------------------- stage 2 losses
 
 def check_alpha(a1, a2):
-    """Raise ValueError unless w = a1*m + a2 is >= 0 for every m in [0, 1] and not always 0."""
+    """None if w = a1*m + a2 is finite, >= 0 for every m in [0, 1] and not always 0; else what is wrong."""
+    if not (math.isfinite(a1) and math.isfinite(a2)):
+        return f"alpha ({a1:g}, {a2:g}): must be finite numbers"
     if a2 < 0 or a1 + a2 < 0:
-        raise ValueError(f"alpha ({a1:g}, {a2:g}) gives negative weights (a1*m + a2 must be >= 0 "
-                         f"for every m in [0, 1]: need a2 >= 0 and a1 + a2 >= 0)")
+        return (f"alpha ({a1:g}, {a2:g}) gives negative weights (a1*m + a2 must be >= 0 for every m in [0, 1]: "
+                f"need a2 >= 0 and a1 + a2 >= 0)")
     if a1 == 0 and a2 == 0:
-        raise ValueError("alpha (0, 0) weighs every location 0: nothing would be learned")
+        return "alpha (0, 0) weighs every location 0: nothing would be learned"
+    return None
 
 
 def mask_weighted_ce(logit_map, labels, mask, alpha, class_w=None):

@@ -1,14 +1,12 @@
-"""Stage 2 model: torchvision's ResNet34 with a C-way fc, and a logit map (SPEC section 3).
+"""Stage 2 model: torchvision's ResNet34 with a C-way fc, and its logit map.
 
-Input (B, 3, H, W) normalised RGB, or (B, 4, H, W) with the mask as 4th channel
-(--mask-mode channel); any H, W >= 32. Output of forward: (B, C) logits.
-forward_map gives the logit map L (B, C, H/32, W/32): the fc applied as a 1x1 convolution to
-the last feature map. Because the fc is linear, the spatial mean of L equals torchvision's
-avgpool -> fc exactly, so a model trained with the mask-weighted loss needs no mask at inference.
+Input (B, 3, H, W) normalised RGB, or (B, 4, H, W) with the mask as 4th channel (--mask-mode channel);
+any H, W >= 32. forward gives logits (B, C); forward_map the logit map L (B, C, H/32, W/32): the fc
+applied as a 1x1 convolution to the last feature map. The fc is linear, so the spatial mean of L equals
+torchvision's avgpool -> fc exactly: a model trained with the mask-weighted loss needs no mask at inference.
 
-Weights: resnet34_state_dict() gives ImageNet weights (torchvision's weights API, downloads once)
-or a local torchvision-format state dict file; both load here and into unet.py's encoder
-unchanged, the fc dropped.
+resnet34_state_dict() gives ImageNet weights (torchvision's weights API, downloads once) or a local
+torchvision-format file; load_backbone() puts them into this model or into unet.py's encoder, fc dropped.
 """
 from pathlib import Path
 
@@ -32,6 +30,9 @@ def resnet34_state_dict(pretrained=False, weights_file=None):
             state = state["model"]  # accept a checkpoint dict that holds the state dict
         if not isinstance(state, dict) or "conv1.weight" not in state:
             raise SystemExit(f"--weights {path}: not a torchvision resnet34 state dict (no conv1.weight)")
+        odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+        if odd is not None:
+            raise SystemExit(f"--weights {path}: {odd!r} is a {type(state[odd]).__name__}, not a tensor")
         return state
     if pretrained:
         try:
@@ -98,10 +99,9 @@ class ResNetClassifier(nn.Module):
         return self.forward_map(x).mean((2, 3))
 
 
-def build_classifier(num_classes, in_channels=3, pretrained=False, weights_file=None):
-    """A ResNetClassifier, its backbone initialised from ImageNet or a file when asked."""
+def build_classifier(num_classes, in_channels=3, state=None, source="state dict"):
+    """A ResNetClassifier, its backbone loaded from a torchvision resnet34 state dict when one is given."""
     model = ResNetClassifier(num_classes, in_channels)
-    state = resnet34_state_dict(pretrained, weights_file)
     if state is not None:
-        load_backbone(model.backbone, state, source=str(weights_file or "ImageNet weights"))
+        load_backbone(model.backbone, state, source=str(source))
     return model

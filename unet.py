@@ -1,18 +1,16 @@
-"""Stage 1 model: a UNet with torchvision's ResNet34 as encoder (SPEC section 2).
+"""Stage 1 model: a UNet with torchvision's ResNet34 as encoder.
 
 Input (B, 3, H, W) normalised RGB with H, W divisible by 32; output (B, 1, H, W) logits of
 "this pixel is the white cell". Encoder: resnet34's conv1/bn1/relu, maxpool, layer1..4 under
 their torchvision names (`encoder.*`), so ImageNet weights load unchanged; hand-written decoder:
 at each scale upsample x2, concatenate the encoder skip of that scale, two 3x3 conv-BN-ReLU;
 a last block back to full size; a 1x1 conv to one logit. Decoder as in Ronneberger et al. 2015
-and segmentation_models_pytorch's Unet(resnet34).
+and segmentation_models_pytorch's Unet(resnet34). ImageNet weights: resnet_cls.load_backbone(unet.encoder, ...).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import resnet34
-
-from resnet_cls import load_backbone, resnet34_state_dict
 
 ENCODER_CHANNELS = (64, 64, 128, 256, 512)   # conv1 (H/2), layer1 (H/4), layer2 (H/8), layer3 (H/16), layer4 (H/32)
 DECODER_CHANNELS = (256, 128, 64, 32, 16)    # H/16, H/8, H/4, H/2, H
@@ -63,12 +61,3 @@ class UNet(nn.Module):
         x = self.up[3](x, s1)             # (B, 32, H/2, W/2)
         x = self.up[4](x)                 # (B, 16, H, W)
         return self.head(x)               # (B, 1, H, W)
-
-
-def build_unet(pretrained=False, weights_file=None):
-    """A UNet, its encoder initialised from ImageNet or a torchvision state dict file when asked."""
-    model = UNet()
-    state = resnet34_state_dict(pretrained, weights_file)
-    if state is not None:
-        load_backbone(model.encoder, state, source=str(weights_file or "ImageNet weights"))
-    return model
