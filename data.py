@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,13 +395,19 @@ def load_checkpoint(path, required=("model", "args")):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # refused pickle code, zip and EOF errors: name and reason, not torch's advice
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise SystemExit(f"{path}: not a loadable checkpoint ({type(e).__name__}: {first[:200]})") from None
+        raise SystemExit(f"{path}: not a loadable checkpoint ({load_error(e)})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
         raise SystemExit(f"{path}: not a checkpoint of this repo (expected a dict with keys {list(required)})")
     if not (isinstance(ckpt["model"], dict) and all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())):
         raise SystemExit(f"{path}: its 'model' entry is not a state dict (name -> tensor)")
     return ckpt
+
+
+def load_error(e):
+    """torch.load's exception in one line: its first sentence (never the advice to retry with
+    weights_only=False, which would run the file's code) and the code it refused."""
+    refused = re.search(r"GLOBAL (\S+)", str(e))
+    return f"{type(e).__name__}: {str(e).strip().split('. ')[0][:200]}" + (f"; refused {refused[1]}" if refused else "")
 
 
 HELD = {}   # folder -> this process's lock file on it (a later run in the same process, a test, takes it over)

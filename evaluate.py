@@ -91,7 +91,7 @@ def evaluate_classifier(ckpt, args, device):
     if channel and not data.has_mask.all():
         raise DataError(f"{masks}: a mask-channel classifier needs a mask for every image of {folder}")
     logits = infer(model.to(device, memory_format=torch.channels_last), data.images, data.masks,
-                   args.batch_size, device, autocast(device), mask_channel=channel)
+                   args.batch_size, device, autocast(device, run), mask_channel=channel)
     metrics = classification_metrics(confusion_matrix(data.labels, logits.argmax(1), len(classes)), classes)
     metrics["data"] = str(folder)
     print_classifier_report(metrics, classes, f"{args.checkpoint} on {folder} ({len(data)} images)")
@@ -129,7 +129,7 @@ def evaluate_masker(ckpt, args, device):
     if len(data) == 0:
         raise DataError(f"{mask_folder(folder)}: no ground-truth masks to score the masker against")
     logits = infer(model.to(device, memory_format=torch.channels_last), data.images, None, args.batch_size, device,
-                   autocast(device))
+                   autocast(device, run))
     threshold = torch.logit(torch.tensor(run.get("threshold", 0.5))).item()
     metrics = mask_metrics(mask_counts(logits > threshold, data.masks > 0))
     metrics.update(data=str(folder), n=len(data))
@@ -160,9 +160,10 @@ def print_masker_report(m, title):
     print(f"pixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | Dice {m['dice']:.3f}")
 
 
-def autocast(device):
-    """bf16 on CUDA, fp32 elsewhere: scores do not depend on the CPU's instructions."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and torch.cuda.is_bf16_supported())
+def autocast(device, run):
+    """The precision the run trained in (its --amp, resolved), so evaluate.py scores what training scored."""
+    amp = run.get("amp")
+    return torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp in ("bf16", "fp16"))
 
 
 def main(argv=None):

@@ -1,14 +1,11 @@
-"""Losses and metrics of the two-stage WBC system (SPEC sections 2-4).
+"""Losses and metrics of the two-stage WBC system: every number the scripts print comes from here,
+and test_losses.py checks each by hand on tiny tensors.
 
-Both training scripts and evaluate.py import from here, so every number the repo prints is
-computed by one function that test_losses.py checks by hand on tiny tensors.
-
-Stage 1 (masker), logits and targets (B, 1, H, W):
-    bce(logits, target)         mean binary cross-entropy
-    center_bce(logits, target)  mean(w * BCE), w = 1 - d/d_max rescaled to mean 1 (the report's loss)
-Stage 2 (classifier), logit map L (B, C, h, w) from resnet_cls.py:
-    mask_weighted_ce(L, y, mask, alpha, class_w)   the report's (a1*mask + a2) weighted loss
-    class_weights(counts)                           1/count, rescaled to mean 1 (--balance)
+The report's two losses:
+    center_bce(logits, target)                     masker: mean(w * BCE), w = 1 - d/d_max rescaled to mean 1
+    mask_weighted_ce(L, y, mask, alpha, class_w)   classifier: CE at every location of the logit map L
+                                                   (B, C, h, w), weighted by (a1*mask + a2)
+Baselines: bce (plain BCE), weighted_ce (CE of the pooled logits), class_weights (1/count, --balance).
 Metrics: confusion_matrix, classification_metrics, mask_counts, mask_metrics.
 """
 import math
@@ -17,12 +14,7 @@ import torch
 import torch.nn.functional as F
 
 
-# ---------------------------------------------------------------------------- stage 1 losses
-
-def bce(logits, target):
-    """Mean binary cross-entropy. logits, target: (B, 1, H, W); target in {0, 1}."""
-    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
-
+# ---------------------------------------------------------------------------- the report's losses
 
 def center_weights(h, w, device=None):
     """(h, w) weights 1 - d/d_max, rescaled to mean 1.
@@ -45,11 +37,6 @@ def center_bce(logits, target):
     per_pixel = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
     return (per_pixel * center_weights(*logits.shape[-2:], device=logits.device)).mean()
 
-
-MASKER_LOSSES = {"bce": bce, "center": center_bce}
-
-
-# ---------------------------------------------------------------------------- stage 2 losses
 
 def check_alpha(a1, a2):
     """None if w = a1*m + a2 is finite, >= 0 for every m in [0, 1] and not always 0; else what is wrong."""
@@ -85,9 +72,21 @@ def mask_weighted_ce(logit_map, labels, mask, alpha, class_w=None):
     return loss, (weight_sum <= 0).sum()
 
 
+# ---------------------------------------------------------------------------- baselines
+
+def bce(logits, target):
+    """Mean binary cross-entropy. logits, target: (B, 1, H, W); target in {0, 1}."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+MASKER_LOSSES = {"bce": bce, "center": center_bce}
+
+
 def weighted_ce(logits, labels, class_w=None):
-    """Cross-entropy on pooled logits (B, C), each sample weighted by class_w[y], normalised by
-    sum of those weights: the no-mask baseline, and mask_weighted_ce's limit for alpha (0, 1)."""
+    """Cross-entropy of the pooled logits (B, C), each sample weighted by class_w[y] and normalised by the
+    sum of those weights: the no-mask baseline. Not mask_weighted_ce at alpha (0, 1): that is the mean of
+    the per-location CE, which equals this only for a 1x1 logit map (a mean of CEs is not the CE of the
+    mean logits)."""
     return F.cross_entropy(logits.float(), labels, weight=None if class_w is None else class_w.float())
 
 

@@ -1,25 +1,21 @@
-"""Synthetic stand-in data for the WBC classification project.
+"""Synthetic stand-in data for the WBC classification project: python synth.py ROOT [options].
 
-write_synth(root) draws stained-blood-smear-like crops of the five white-blood-cell (WBC)
-classes, CAM16-like lymph-node patches and unlabeled pRCC-like kidney patches, in the
-folder layout of the real datasets (JPEG images, 0/255 'L' PNG masks, all size x size):
-
-  ROOT/WBC_100/train/{data,mask}/<Class>/<stem>.{jpg,png}  masks for ~10% of train per class
-  ROOT/WBC_100/val/{data,mask}/<Class>/...                 a mask for every val image
-  ROOT/WBC_{50,10,1}/train/{data,mask}/<Class>/...         nested stratified subsets (hard links)
-  ROOT/CAM16/{train,val,test}/data/{normal,tumor}/*.jpg    + CAM16/train/mask for ~10% of train
+Stained-blood-smear-like crops of the five white-blood-cell (WBC) classes, CAM16-like lymph-node
+patches and unlabeled pRCC-like kidney patches, in the layout of the real datasets (JPEG images,
+0/255 'L' PNG masks, all size x size):
+  ROOT/WBC_100/{train,val}/{data,mask}/<Class>/<stem>.{jpg,png}  masks: ~10% of train, all of val
+  ROOT/WBC_{50,10,1}/train/{data,mask}/<Class>/...               nested stratified subsets (hard links)
+  ROOT/CAM16/{train,val,test}/data/{normal,tumor}/*.jpg          + CAM16/train/mask for ~10% of train
   ROOT/pRCC/*.jpg
-
-Every image has its own RNG seeded from (seed, split, class, index), so a seed gives
-byte-identical files whatever the worker count. confound=P tints TRAINING backgrounds by
-class with probability P (a shortcut-learning demo); val backgrounds are always random.
-Files are overwritten in place, so use a fresh ROOT when changing scale or seed.
-
-  python synth.py ROOT [--scale S] [--size N] [--seed K] [--confound P] [--workers W]
+Every image has its own RNG seeded from (seed, split, class, index), so a seed gives byte-identical files whatever
+the worker count. confound=P tints TRAINING backgrounds by class with probability P (a shortcut-learning demo); val
+backgrounds are always random. Files are overwritten in place, so use a fresh ROOT when changing scale or seed.
 """
 import argparse
+import contextlib
 import os
 import shutil
+import sys
 import time
 import zlib
 from functools import lru_cache
@@ -40,6 +36,7 @@ CELL_RADIUS = {"Basophil": (0.14, 0.21), "Eosinophil": (0.16, 0.24), "Lymphocyte
 TINTS = np.array([[12, -5, -3], [-3, 8, -7], [-8, -3, 12], [6, 6, -12], [-10, 6, 6]], np.float32) / 255
 BG, RBC, RBC_PALE = np.array([0.93, 0.86, 0.84]), np.array([0.86, 0.55, 0.58]), np.array([0.93, 0.76, 0.76])
 NUCLEUS = np.array([0.36, 0.19, 0.48])  # haematoxylin purple, shared by every class
+USAGE = "python synth.py ROOT [--scale S] [--size PX] [--seed K] [--confound P] [--workers N]"
 
 
 def _rng(seed, *keys):
@@ -48,15 +45,13 @@ def _rng(seed, *keys):
 
 @lru_cache(maxsize=4)
 def _grid(size):
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5  # pixel centres
-    return yy, xx
+    return tuple(np.mgrid[0:size, 0:size].astype(np.float32) + 0.5)  # (yy, xx) of the pixel centres
 
 
 def _noise(rng, size, blob_px):
     """Smooth random field (zero mean, unit std) whose blobs are about blob_px pixels wide."""
     n = max(2, int(round(size / blob_px)))
-    f = Image.fromarray(rng.standard_normal((n, n)).astype(np.float32)).resize((size, size), Image.BICUBIC)
-    f = np.asarray(f)
+    f = np.asarray(Image.fromarray(rng.standard_normal((n, n)).astype(np.float32)).resize((size, size), Image.BICUBIC))
     return (f - f.mean()) / (f.std() + 1e-6)
 
 
@@ -74,8 +69,7 @@ def _tex(colour, noise, amount):
 
 
 def _discs(u, v, cu, cv, r):
-    """Signed distance to a union of discs, and each pixel's distance / radius in its nearest disc.
-    u, v only need to broadcast to the image (a grid row and column are cheapest)."""
+    """Signed distance to a union of discs, and distance / radius in the nearest disc (u, v: a grid row, column)."""
     d = np.sqrt((u[None] - cu[:, None, None]) ** 2 + (v[None] - cv[:, None, None]) ** 2) - r[:, None, None]
     k = d.argmin(0)
     near = np.take_along_axis(d, k[None], 0)[0]
@@ -96,8 +90,7 @@ def _granules(rng, size, blob_px, threshold):
     return np.clip((_noise(rng, size, blob_px) - threshold) * 2.5, 0, 1)
 
 
-# One function per cell type: (rng, local coords u/v in px, cell radius R, image size)
-# -> (cytoplasm colour, [(alpha, colour), ...] painted in order inside the cell).
+# Per cell type: (rng, cell-frame coords u/v in px, radius R, size) -> (cytoplasm colour, [(alpha, colour), ...]).
 def _neutrophil(rng, u, v, R, size):
     n = rng.integers(3, 6)  # 3-5 lobes strung along a bent arc, linked by thin strands
     ang = rng.uniform(0, 2 * np.pi) + np.linspace(0, rng.uniform(2.4, 4.2), n)
@@ -147,8 +140,7 @@ def _monocyte(rng, u, v, R, size):
         (_alpha(np.maximum(ell, -bite)), _tex(NUCLEUS * 1.25, _noise(rng, size, size / 18), 0.15))]
 
 
-DRAWERS = {"Basophil": _basophil, "Eosinophil": _eosinophil, "Lymphocyte": _lymphocyte,
-           "Monocyte": _monocyte, "Neutrophil": _neutrophil}
+DRAWERS = dict(zip(CLASSES, (_basophil, _eosinophil, _lymphocyte, _monocyte, _neutrophil)))
 
 
 def _red_cells(rng, img, scale):
@@ -170,8 +162,7 @@ def draw_wbc(rng, size, cls, tint):
     """One smear crop with a single white cell of class `cls`: (float RGB image, bool cell mask)."""
     yy, xx = _grid(size)
     zoom = rng.uniform(0.8, 1.2)  # magnification: red and white cells scale together
-    img = np.empty((size, size, 3), np.float32)
-    img[:] = BG + rng.normal(0, 0.01, 3) + tint
+    img = np.full((size, size, 3), BG + rng.normal(0, 0.01, 3) + tint, np.float32)
     img *= (1 + 0.02 * _noise(rng, size, size / 3))[..., None]  # uneven smear thickness
     _red_cells(rng, img, size * zoom)
     R = rng.uniform(*CELL_RADIUS[cls]) * size * zoom
@@ -191,8 +182,7 @@ def draw_wbc(rng, size, cls, tint):
 
 def draw_cam(rng, size, tumor):
     """Lymph-node-like patch: small round lymphocyte nuclei; tumour = larger, darker, irregular ones."""
-    img = np.empty((size, size, 3), np.float32)
-    img[:] = np.array([0.90, 0.68, 0.80]) + rng.normal(0, 0.02, 3)
+    img = np.full((size, size, 3), np.array([0.90, 0.68, 0.80]) + rng.normal(0, 0.02, 3), np.float32)
     img *= (1 + 0.06 * _noise(rng, size, size / 6))[..., None]  # eosin fibres, uneven staining
     region = np.zeros((size, size), bool)
     if tumor:
@@ -212,8 +202,7 @@ def draw_cam(rng, size, tumor):
 
 def draw_prcc(rng, size):
     """Kidney-like patch: papillae of purple-nucleated epithelium around pale lumens."""
-    img = np.empty((size, size, 3), np.float32)
-    img[:] = np.array([0.86, 0.62, 0.74]) + rng.normal(0, 0.02, 3)
+    img = np.full((size, size, 3), np.array([0.86, 0.62, 0.74]) + rng.normal(0, 0.02, 3), np.float32)
     field = _noise(rng, size, size / rng.uniform(3, 6))
     _paint(img, np.clip((field - 0.7) * 3, 0, 1), [0.96, 0.93, 0.95])  # lumens
     band = np.clip(1 - np.abs(field - 0.2) * 2, 0, 1)  # epithelial lining next to the lumens
@@ -256,8 +245,7 @@ def _make(job):
     kind, split, cls, idx, seed, size, confound, img_path, mask_path = job
     rng = _rng(seed, kind + "/" + split, cls, idx)
     if kind == "wbc":
-        # Both draws always happen so the cell is the same whatever the confound level.
-        agree, random_tint = rng.random(), rng.integers(len(CLASSES))
+        agree, random_tint = rng.random(), rng.integers(len(CLASSES))  # both drawn: same cell at any confound
         t = CLASSES.index(cls) if split == "train" and agree < confound else random_tint
         img, mask = draw_wbc(rng, size, cls, TINTS[t])
     elif kind == "cam":
@@ -278,8 +266,8 @@ def _count(summary, key, cls, masked):
 
 def write_synth(root, scale=0.1, size=128, seed=0, confound=0.0, workers=None):
     """Write the synthetic datasets under root; returns {split: {"images", "masks", "classes"}}."""
-    if not (scale > 0 and size >= 32 and 0 <= confound <= 1 and seed >= 0):
-        raise ValueError("need scale > 0, size >= 32, 0 <= confound <= 1, seed >= 0")
+    if not (0 < scale < float("inf") and size >= 32 and 0 <= confound <= 1 and seed >= 0):
+        raise ValueError("need 0 < scale < inf, size >= 32, 0 <= confound <= 1, seed >= 0")
     jobs, summary, wbc_train = [], {}, {}
 
     def add(kind, split, cls, idx, folder, stem, masked):
@@ -307,19 +295,12 @@ def write_synth(root, scale=0.1, size=128, seed=0, confound=0.0, workers=None):
             add("cam", split, cls, i, f"CAM16/{split}", f"{split}_{cls}_{i:06d}", i in masked)
     for i in range(max(1, round(PRCC_COUNT * scale))):
         add("prcc", "all", "", i, "pRCC", f"pRCC_{i:06d}", False)
-    for job in jobs:
-        for path in job[7:]:
-            if path:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+    for folder in {os.path.dirname(path) for job in jobs for path in job[7:] if path}:
+        os.makedirs(folder, exist_ok=True)
 
     workers = workers or os.cpu_count() or 1
-    if workers > 1:
-        with Pool(workers) as pool:
-            for _ in pool.imap_unordered(_make, jobs, chunksize=16):
-                pass
-    else:
-        for job in jobs:
-            _make(job)
+    with Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        list(pool.imap_unordered(_make, jobs, chunksize=16) if pool else map(_make, jobs))
 
     for cls, (n_train, masked) in wbc_train.items():  # nested subsets: prefixes of one permutation
         order = _rng(seed, "subset", cls).permutation(n_train)
@@ -334,43 +315,35 @@ def write_synth(root, scale=0.1, size=128, seed=0, confound=0.0, workers=None):
     return summary
 
 
-def _checked(cast, ok, what):
-    def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {cast.__name__} value: {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} must be {what}")
-        return value
-    return parse
-
-
-def add_synth_args(parser):
-    parser.add_argument("--scale", type=_checked(float, lambda x: x > 0, "> 0"), default=0.1,
-                        help="fraction of the real dataset sizes to generate (1.0 = full size; default 0.1)")
-    parser.add_argument("--size", type=_checked(int, lambda x: x >= 32, ">= 32"), default=128,
-                        help="image side in pixels (default 128)")
-    parser.add_argument("--seed", type=_checked(int, lambda x: x >= 0, ">= 0"), default=0,
-                        help="random seed; the same seed gives byte-identical files (default 0)")
-    parser.add_argument("--confound", type=_checked(float, lambda x: 0 <= x <= 1, "between 0 and 1"), default=0.0,
-                        help="probability that a TRAIN image's background tint matches its class (default 0)")
-    parser.add_argument("--workers", type=_checked(int, lambda x: x >= 1, ">= 1"), default=None,
-                        help="processes to draw with (default: all CPUs); does not change the output")
-    return parser
-
-
-def main_synth(args):
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="synth.py", usage=USAGE, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", metavar="ROOT", help="folder to write (created if missing; files are overwritten)")
+    ap.add_argument("--scale", metavar="S", type=float, default=0.1,
+                    help="fraction of the real dataset sizes, finite and > 0 (1 = full size; default 0.1)")
+    ap.add_argument("--size", metavar="PX", type=int, default=128, help="image side in pixels, >= 32 (default 128)")
+    ap.add_argument("--seed", metavar="K", type=int, default=0, help="random seed, >= 0; fixes every byte (default 0)")
+    ap.add_argument("--confound", metavar="P", type=float, default=0.0,
+                    help="probability in [0, 1] that a TRAIN image's background tint names its class (default 0)")
+    ap.add_argument("--workers", metavar="N", type=int, help="processes (default: all CPUs); the output is the same")
+    a = ap.parse_args(argv)
+    for flag, ok, rule in (("scale", 0 < a.scale < float("inf"), "finite and > 0"), ("size", a.size >= 32, ">= 32"),
+                           ("seed", a.seed >= 0, ">= 0"), ("confound", 0 <= a.confound <= 1, "in [0, 1]"),
+                           ("workers", a.workers is None or a.workers >= 1, ">= 1")):
+        if not ok:
+            ap.error(f"argument --{flag}: must be {rule}, got {getattr(a, flag)}")
+    if not a.root or os.path.exists(a.root) and not os.path.isdir(a.root):
+        sys.exit(f"error: ROOT must name a folder; {a.root!r} is {'an existing file' if a.root else 'empty'}")
     start = time.time()
-    summary = write_synth(args.root, args.scale, args.size, args.seed, args.confound, getattr(args, "workers", None))
+    try:  # write_synth makes every folder before it draws, so an unwritable ROOT fails at once
+        summary = write_synth(a.root, a.scale, a.size, a.seed, a.confound, a.workers)
+    except OSError as e:
+        sys.exit(f"error: cannot write {e.filename or a.root}: {e.strerror or e}")
     for split, e in summary.items():
         classes = " ".join(f"{c}={n}" for c, n in e["classes"].items())
         print(f"{split:14s} {e['images']:6d} images {e['masks']:5d} masks  {classes}")
-    print(f"wrote synthetic data to {args.root} in {time.time() - start:.1f}s")
-    return summary
+    print(f"wrote synthetic data to {a.root} in {time.time() - start:.1f}s")
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Write synthetic WBC / CAM16 / pRCC datasets.")
-    ap.add_argument("root", help="output folder")
-    main_synth(add_synth_args(ap).parse_args())
+    main()

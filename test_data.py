@@ -71,15 +71,25 @@ def test_scan_folder_ignores_hidden_and_non_images(tmp_path):
     (tmp_path / "A" / "notes.txt").write_text("hi")
     write_image(tmp_path / "__MACOSX" / "z.png")
     write_image(tmp_path / ".ipynb_checkpoints" / "z.png")
-    listing = scan_folder(tmp_path)
-    assert listing.classes == ["A", "B"]
-    assert [p.name for p in listing.paths] == ["y.JPG", "x.png"] and listing.labels == [0, 1]
-    assert listing.ignored == 2
+    paths, labels, classes, ignored = scan_folder(tmp_path)
+    assert classes == ["A", "B"]
+    assert [p.name for p in paths] == ["y.JPG", "x.png"] and labels == [0, 1]
+    assert ignored == 2
+
+
+@pytest.mark.parametrize("twin", ["x.png", "x.JPEG"])
+def test_two_images_with_one_stem_are_refused_naming_both(tmp_path, twin):
+    write_image(tmp_path / "A" / "x.jpg")
+    write_image(tmp_path / "A" / "x.k.png")   # sorts between x.jpg and x.png: not a twin
+    write_image(tmp_path / "A" / twin)
+    with pytest.raises(DataError, match="two images with one name") as e:
+        scan_folder(tmp_path)
+    assert str(tmp_path / "A" / "x.jpg") in str(e.value) and str(tmp_path / "A" / twin) in str(e.value)
 
 
 def test_unknown_val_class_is_an_error_missing_is_fine(tmp_path):
     write_image(tmp_path / "val" / "A" / "a.png")
-    assert scan_folder(tmp_path / "val", classes=["A", "B"]).classes == ["A", "B"]
+    assert scan_folder(tmp_path / "val", classes=["A", "B"])[2] == ["A", "B"]
     write_image(tmp_path / "val" / "C" / "c.png")
     with pytest.raises(DataError, match="'C'"):
         scan_folder(tmp_path / "val", classes=["A", "B"])

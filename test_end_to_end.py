@@ -20,8 +20,8 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def masker_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("masker")
-    metrics = train_masker.main(["--data", str(tiny), "--split", "100", "--size", "32", "--pretrain",
-                                 "--pretrain-epochs", "2", "--epochs", "25", "--batch-size", "8", "--lr", "2e-3",
+    metrics = train_masker.main(["--data", str(tiny), "--split", "100", "--size", "32",
+                                 "--pretrain-on", str(tiny / "CAM16"), "--pretrain-epochs", "2", "--epochs", "25", "--batch-size", "8", "--lr", "2e-3",
                                  "--out", str(out), "--device", "cpu"])
     return out, metrics
 

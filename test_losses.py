@@ -59,15 +59,28 @@ def test_alpha_identity(a1, a2):
     assert torch.allclose(a1 * m + a2, (a1 + a2) * m + a2 * (1 - m))
 
 
-@pytest.mark.parametrize("a1,a2", [(0, 0), (1, -0.1), (-2, 1), (-1, -1)])
-def test_invalid_alpha_refused(a1, a2):
-    with pytest.raises(ValueError):
-        check_alpha(a1, a2)
+@pytest.mark.parametrize("a1,a2,why", [(0, 0, "every location 0"), (1, -0.1, "negative"), (-2, 1, "negative"),
+                                       (-1, -1, "negative"), (math.nan, 1, "finite"), (1, math.inf, "finite")])
+def test_invalid_alpha_refused(a1, a2, why):
+    assert why in check_alpha(a1, a2)
 
 
 @pytest.mark.parametrize("a1,a2", [(0, 1), (1, 0), (-1, 1), (3, 2)])
 def test_valid_alpha_accepted(a1, a2):
-    check_alpha(a1, a2)
+    assert check_alpha(a1, a2) is None
+
+
+def test_uniform_alpha_is_not_plain_ce_on_a_2x2_map():
+    """alpha (0, 1) averages the CE of the 4 locations; plain CE takes the CE of the averaged logits.
+    By hand: locations with logits (2, 0) and (0, 2), label 0: per-location CE ln(1+e^-2) and ln(1+e^2),
+    mean 1.0635; the mean logit is (1, 1), whose CE is ln 2 = 0.6931."""
+    L = torch.tensor([[[[2.0, 0.0], [2.0, 0.0]],                 # class 0's map
+                       [[0.0, 2.0], [0.0, 2.0]]]])               # class 1's map: (1, C=2, h=2, w=2)
+    y, mask = torch.tensor([0]), torch.ones(1, 1, 4, 4)
+    uniform, _ = mask_weighted_ce(L, y, mask, (0, 1))
+    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(2))) / 2
+    assert uniform.item() == pytest.approx(expected, rel=1e-6)
+    assert weighted_ce(L.mean((2, 3)), y).item() == pytest.approx(math.log(2), rel=1e-6)
 
 
 def test_constant_weight_equals_plain_cross_entropy():

@@ -4,7 +4,8 @@ import torch
 from torchvision.models import resnet34
 
 from resnet_cls import ResNetClassifier, build_classifier
-from unet import UNet, build_unet
+from resnet_cls import load_backbone, resnet34_state_dict
+from unet import UNet
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,9 @@ def test_pooled_logit_map_equals_torchvision_forward(tv_state):
 def test_torchvision_state_dict_loads_into_classifier_and_unet_encoder(tv_state, tmp_path):
     path = tmp_path / "resnet34.pth"
     torch.save(tv_state, path)
-    classifier = build_classifier(5, weights_file=path)
-    unet = build_unet(weights_file=path)
+    classifier = build_classifier(5, state=resnet34_state_dict(weights_file=path))
+    unet = UNet()
+    load_backbone(unet.encoder, resnet34_state_dict(weights_file=path))
     for key, value in tv_state.items():
         if key.startswith("fc."):
             continue
@@ -66,8 +68,8 @@ def test_torchvision_state_dict_loads_into_classifier_and_unet_encoder(tv_state,
 def test_mask_channel_starts_as_rgb_model(tv_state, tmp_path):
     path = tmp_path / "resnet34.pth"
     torch.save(tv_state, path)
-    rgb = build_classifier(5, 3, weights_file=path).eval()
-    four = build_classifier(5, 4, weights_file=path).eval()
+    rgb = build_classifier(5, 3, resnet34_state_dict(weights_file=path)).eval()
+    four = build_classifier(5, 4, resnet34_state_dict(weights_file=path)).eval()
     four.backbone.fc.load_state_dict(rgb.backbone.fc.state_dict())
     x = torch.randn(2, 3, 64, 64)
     m = (torch.rand(2, 1, 64, 64) > 0.5).float()
@@ -82,4 +84,11 @@ def test_bad_weights_file_is_named(tmp_path):
     path = tmp_path / "not_resnet.pth"
     torch.save({"foo": torch.zeros(1)}, path)
     with pytest.raises(SystemExit, match="not_resnet.pth"):
-        build_classifier(5, weights_file=path)
+        resnet34_state_dict(weights_file=path)
+
+
+def test_weights_file_with_a_non_tensor_value_is_named(tv_state, tmp_path):
+    path = tmp_path / "odd.pth"
+    torch.save({**tv_state, "conv1.weight": [1.0, 2.0]}, path)
+    with pytest.raises(SystemExit, match=r"odd.pth: 'conv1.weight' is a list, not a tensor"):
+        resnet34_state_dict(weights_file=path)

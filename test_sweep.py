@@ -1,7 +1,8 @@
-"""sweep.py: the statistics and audit helpers by hand, the leakage guard on a planted leak, and a
-tiny sweep end to end (in-process): tables, audit, leakage records, resuming, figures."""
+"""sweep.py: the statistics, audit helpers and leakage guard by hand, then one tiny sweep end to end (the trainers
+as subprocesses): records, resuming, the report from whatever finished (old-format runs too), figures."""
 import json
 import math
+import shutil
 import sys
 
 import numpy as np
@@ -10,23 +11,39 @@ import torch
 from PIL import Image
 
 import sweep
-import train_classifier
-import train_masker
 from synth import write_synth
 
 
 # ---------------------------------------------------------------------------- statistics
 
-def test_paired_comparison_by_hand():
-    same = sweep.paired({0: 0.8, 1: 0.9, 2: 0.7}, {0: 0.7, 1: 0.8, 2: 0.6})   # +10 points every seed
-    assert same["mean"] == pytest.approx(0.1) and same["std"] == pytest.approx(0.0)
-    assert same["verdict"].startswith("beyond seed noise")
-    noisy = sweep.paired({0: 0.8, 1: 0.6, 2: 0.75}, {0: 0.7, 1: 0.7, 2: 0.7})  # diffs +.1, -.1, +.05
-    assert noisy["mean"] == pytest.approx(0.05 / 3)
-    assert noisy["std"] == pytest.approx(math.sqrt(((0.1 - 0.05 / 3) ** 2 + (0.1 + 0.05 / 3) ** 2
-                                                    + (0.05 - 0.05 / 3) ** 2) / 2))
-    assert noisy["verdict"] == "within seed noise"
-    assert sweep.paired({0: 0.8, 5: 0.1}, {0: 0.7})["verdict"].startswith("n < 2")   # only seed 0 is paired
+@pytest.mark.parametrize("t, df, p", [(2.92, 2, 0.1000), (4.303, 2, 0.05), (2.571, 5, 0.05), (12.706, 1, 0.05),
+                                      (3.182, 3, 0.05), (2.228, 10, 0.05), (0.0, 4, 1.0)])
+def test_t_cdf_gives_the_tables_two_sided_p(t, df, p):
+    assert 2 * sweep.t_cdf(-t, df) == pytest.approx(p, abs=2e-4)
+    assert sweep.t_cdf(t, df) + sweep.t_cdf(-t, df) == pytest.approx(1.0)   # symmetric
+    assert sweep.t_cdf(-1.0, 1) == pytest.approx(0.25)                     # Cauchy: 1/2 + atan(t)/pi
+
+
+def test_sign_flip_p_by_hand():
+    # diffs 1, 2, 3: of the 8 sums +-1 +-2 +-3 only +6 and -6 reach |6|: the smallest p at n = 3
+    assert sweep.sign_flip_p([1.0, 2.0, 3.0]) == 0.25
+    # 3, -1, 1 (sum 3): |sum| >= 3 for (3,-1,1), (3,1,1), (3,1,-1) and their mirror images: 6 of 8
+    assert sweep.sign_flip_p([3.0, -1.0, 1.0]) == 0.75
+    assert sweep.sign_flip_p([0.1, 0.2, 0.3]) == 0.25     # float sums of a tie still count as a tie
+    assert math.isnan(sweep.sign_flip_p([]))
+
+
+def test_paired_by_hand():
+    p = sweep.paired({0: 0.8, 1: 0.9, 2: 1.0}, {0: 0.7, 1: 0.7, 2: 0.7})   # diffs 0.1, 0.2, 0.3
+    assert p["n"] == 3 and p["mean"] == pytest.approx(0.2) and p["std"] == pytest.approx(0.1)
+    t = 0.2 / (0.1 / math.sqrt(3))
+    assert p["p_t"] == pytest.approx(1 - t / math.sqrt(t * t + 2))   # df 2: P(|T| < t) = t / sqrt(t^2 + 2)
+    assert p["p_perm"] == 0.25
+    same = sweep.paired({0: 0.8, 1: 0.9}, {0: 0.7, 1: 0.8})              # +10 points every seed: t ~ inf
+    assert same["p_t"] == pytest.approx(0, abs=1e-9) and same["p_perm"] == 0.5
+    assert sweep.paired({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})["p_t"] == 0.0   # exactly equal differences: std 0
+    one = sweep.paired({0: 0.8, 5: 0.1}, {0: 0.7})                       # only seed 0 is paired
+    assert one["n"] == 1 and math.isnan(one["p_t"]) and one["p_perm"] == 1.0
 
 
 def test_mean_std_and_format():
@@ -34,6 +51,23 @@ def test_mean_std_and_format():
     assert sweep.fmt([0.5, 0.7]) == "60.0 ± 14.1"
     assert sweep.fmt([0.5, None, float("nan")]) == "50.0"
     assert sweep.fmt([]) == "-"
+
+
+def run(setting, seed, acc, cell=None):
+    return {"split": 10, "setting": setting, "seed": seed, "accuracy": acc, "audit": {"cell_only_agreement": cell}}
+
+
+def test_comparisons_pair_each_mask_setting_with_both_controls():
+    runs = [run(s, k, a + k / 100, 0.5) for s, a in (("nomask", 0.5), ("alpha0_1", 0.6), ("alpha1_0", 0.8),
+                                                     ("nomask_balance", 0.5), ("alpha1_0_balance", 0.7)) for k in range(3)]
+    rows = sweep.comparisons(runs, "accuracy")
+    pairs = {(r["setting"], r["control"]) for r in rows}
+    assert pairs == {("alpha0_1", "nomask"), ("alpha1_0", "nomask"), ("alpha1_0", "alpha0_1"),
+                     ("alpha1_0_balance", "nomask_balance")}   # no alpha0_1_balance run: no such pair
+    vs_clean = next(r for r in rows if r["control"] == "alpha0_1")
+    assert vs_clean["mean"] == pytest.approx(0.2) and vs_clean["p_perm"] == 0.25 and vs_clean["p_t"] < 1e-6
+    cell = sweep.comparisons(runs, "cell_only_agreement")   # an audit.json number
+    assert len(cell) == 4 and all(r["mean"] == 0 and r["p_t"] == 1.0 for r in cell)
 
 
 # ---------------------------------------------------------------------------- audit helpers
@@ -53,12 +87,11 @@ def test_blank_keeps_only_the_cell_or_only_the_background():
     images, masks = two_smears()
     cell = sweep.blank(images, masks, "cell")
     assert torch.equal(cell[:, :, 10:20, 12:22], images[:, :, 10:20, 12:22])
-    outside = cell[:, :, 0, 0]
-    assert torch.equal(outside[0], outside[1])                 # one shared colour: no tint survives
-    assert outside[0].tolist() == [150, 150, 100]              # the mean of both backgrounds
+    assert torch.equal(cell[0, :, 0, 0], cell[1, :, 0, 0])           # one shared colour: no tint survives
+    assert cell[0, :, 0, 0].tolist() == [150, 150, 100]              # the mean of both backgrounds
     back = sweep.blank(images, masks, "background")
-    assert torch.equal(back[0], images[0, :, :1, :1].expand(3, 32, 32))   # the cell painted over
-    assert torch.equal(back[1], images[1, :, :1, :1].expand(3, 32, 32))
+    for i in range(2):
+        assert torch.equal(back[i], images[i, :, :1, :1].expand(3, 32, 32))   # the cell painted over
     with pytest.raises(ValueError):
         sweep.blank(images, masks, "nucleus")
 
@@ -71,8 +104,14 @@ def test_cam_inside_mask_by_hand():
     masks = torch.zeros(2, 1, 4, 4)
     masks[:, :, :, :2] = 1
     share = sweep.cam_inside(maps, torch.tensor([1, 1]), masks)
-    assert share[0].item() == pytest.approx(0.75)
-    assert math.isnan(share[1].item())
+    assert share[0].item() == pytest.approx(0.75) and math.isnan(share[1].item())
+
+
+def test_locate_finds_a_moved_sweeps_files(tmp_path):
+    (tmp_path / "copy" / "data" / "WBC_100").mkdir(parents=True)
+    assert sweep.locate("results/old/data", tmp_path / "copy") == tmp_path / "copy" / "data"
+    assert sweep.locate(tmp_path, tmp_path / "copy") == tmp_path                       # exists: as is
+    assert sweep.locate("/gone/x/masker/m", tmp_path / "copy") == sweep.Path("/gone/x/masker/m")   # no tail: as is
 
 
 # ---------------------------------------------------------------------------- leakage guard
@@ -85,11 +124,10 @@ def png(path, value):
 @pytest.fixture
 def layout(tmp_path):
     """WBC_10 with two images, WBC_100/val with one, generated masks for WBC_10's two images."""
-    root = tmp_path / "data"
+    root, gen = tmp_path / "data", tmp_path / "masker" / "masks"
     png(root / "WBC_10/train/data/A/a1.png", 10)
     png(root / "WBC_10/train/data/A/a2.png", 20)
     png(root / "WBC_100/val/data/A/v1.png", 30)
-    gen = tmp_path / "masker" / "masks"
     png(gen / "train/A/a1.png", 255)
     png(gen / "train/A/a2.png", 254)
     (tmp_path / "masker" / "metrics.json").write_text(json.dumps({"split": 10}))
@@ -97,19 +135,16 @@ def layout(tmp_path):
 
 
 def test_leakage_guard_passes_a_clean_split(layout):
-    root, gen = layout
-    record = sweep.check_leakage(root, 10, gen)
-    assert record["ok"], record
-    assert record["train_images"] == 2 and record["val_images"] == 1 and record["generated_train_masks"] == 2
+    record = sweep.check_leakage(*layout[:1], 10, layout[1])
+    assert record["ok"] and record["train_images"] == 2 and record["val_images"] == 1, record
 
 
-def test_leakage_guard_finds_a_copied_val_image(layout):
+def test_leakage_guard_finds_a_planted_val_image(layout):
     root, gen = layout
     (root / "WBC_10/train/data/A/copy.png").write_bytes((root / "WBC_100/val/data/A/v1.png").read_bytes())
     png(gen / "train/A/copy.png", 253)
     record = sweep.check_leakage(root, 10, gen)
-    assert not record["ok"]
-    assert "copy.png" in record["val_in_train_images"][0]
+    assert not record["ok"] and "copy.png" in record["val_in_train_images"][0]
 
 
 def test_leakage_guard_finds_another_splits_masks(layout, tmp_path):
@@ -124,18 +159,32 @@ def test_leakage_guard_finds_another_splits_masks(layout, tmp_path):
 
 # ---------------------------------------------------------------------------- arguments
 
-def test_setting_names_match_train_classifier():
-    for name, flags in sweep.SETTINGS.items():
-        a = train_classifier.parse_args(flags + ["--split", "10"])
-        assert train_classifier.setting_name(a.alpha, a.mask_mode, a.balance) == name
-
-
 def test_argument_checks(tmp_path):
     args = sweep.parse_args(["--out", str(tmp_path), "--confound", "0.9", "--settings", "alpha1_0", "nomask"])
     assert args.synth and args.settings == ["nomask", "alpha1_0"] and args.masker_losses[0] == "center"
-    for bad in (["--settings", "alpha2_0"], ["--confound", "1.5"], ["--size", "48"], ["--synth", "--data", "d"]):
+    assert args.seeds == [0, 1, 2] and args.masker_seeds == [0, 1, 2]
+    for bad in (["--settings", "alpha2_0"], ["--confound", "1.5"], ["--size", "48"], ["--synth", "--data", "d"],
+                ["--in-process"], ["--pretrain"], ["--scratch", "--pretrained"]):
         with pytest.raises(SystemExit):
             sweep.parse_args(["--out", str(tmp_path)] + bad)
+
+
+def test_report_only_reads_the_grid_from_sweep_json(tmp_path):
+    (tmp_path / "sweep.json").write_text(json.dumps({"splits": [100], "seeds": [4], "settings": ["nomask"]}))
+    args = sweep.parse_args(["--out", str(tmp_path), "--report-only"])
+    assert args.splits == [100] and args.seeds == [4] and args.settings == ["nomask"]
+    assert sweep.parse_args(["--out", str(tmp_path), "--report-only", "--seeds", "1", "2"]).seeds == [1, 2]
+
+
+def test_masker_argv_pretrains_on_cam16_where_it_has_masks(tmp_path):
+    args = sweep.parse_args(["--out", str(tmp_path / "out"), "--splits", "10", "--seeds", "0", "--settings", "nomask",
+                             "--masker-losses", "center"])
+    (masker, folder, argv), classifier = sweep.grid_runs(args, tmp_path)
+    assert "--pretrain-on" not in argv and folder == tmp_path / "out/masker/WBC_10_center_seed0"
+    (tmp_path / "CAM16/train/mask").mkdir(parents=True)
+    argv = sweep.grid_runs(args, tmp_path)[0][2]
+    assert argv[argv.index("--pretrain-on") + 1] == str(tmp_path / "CAM16") and "--batch-size" in argv
+    assert classifier[2][classifier[2].index("--masks") + 1].endswith("WBC_10_center_seed0/masks")
 
 
 def test_synth_marker_refuses_other_parameters(tmp_path):
@@ -145,63 +194,85 @@ def test_synth_marker_refuses_other_parameters(tmp_path):
 
 
 def test_finished_run_with_other_arguments_is_refused(tmp_path):
-    (tmp_path / "args.json").write_text(json.dumps({"argv": ["--epochs", "3", "--seed", "0"]}))
-    sweep.check_same_args(tmp_path, ["--epochs", "3", "--seed", "0"])
+    (tmp_path / "args.json").write_text(json.dumps({"argv": ["--epochs", "3", "--alpha", "-1", "1"]}))
+    sweep.check_same_args(tmp_path, ["--alpha", "-1", "1", "--epochs", "3"])   # order does not matter
     with pytest.raises(SystemExit, match="--epochs '3' -> '5'"):
-        sweep.check_same_args(tmp_path, ["--epochs", "5", "--seed", "0"])
+        sweep.check_same_args(tmp_path, ["--epochs", "5", "--alpha", "-1", "1"])
 
 
 # ---------------------------------------------------------------------------- end to end
 
 SWEEP = ["--splits", "100", "--seeds", "0", "--settings", "nomask", "alpha1_0", "--masker-losses", "center",
          "--size", "32", "--epochs", "1", "--masker-epochs", "1", "--pretrain-epochs", "0", "--device", "cpu",
-         "--batch-size", "16", "--masker-batch-size", "16", "--scratch", "--in-process"]
+         "--batch-size", "16", "--masker-batch-size", "16", "--scratch"]
 
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
+    """One masker and two classifier runs on 43 + 10 images of 32 px: the trainers' smallest real work."""
     root = tmp_path_factory.mktemp("synth")
-    write_synth(root, scale=0.01, size=32, seed=1, workers=2)   # 10 masks: one masker batch
+    write_synth(root, scale=0.005, size=32, seed=1, workers=2)
     out = tmp_path_factory.mktemp("sweep")
-    result = sweep.main(["--data", str(root), "--out", str(out)] + SWEEP)
-    return root, out, result
+    return root, out, sweep.main(["--data", str(root), "--out", str(out)] + SWEEP)
 
 
-def test_tiny_sweep_writes_runs_tables_and_records(tiny_sweep):
+def test_tiny_sweep_writes_runs_records_and_tables(tiny_sweep):
     root, out, result = tiny_sweep
-    assert result["failures"] == []
+    assert result["failures"] == [] and result["missing"] == []
     assert len(result["maskers"]) == 1 and len(result["classifiers"]) == 2
     for r in result["classifiers"]:
         folder = out / "classifier" / "WBC_100" / r["setting"] / "seed0"
-        assert {"args.json", "log.csv", "metrics.json", "checkpoint.pt", "leakage.json", "audit.json"} <= \
+        assert {"args.json", "stdout.log", "log.csv", "metrics.json", "checkpoint.pt", "leakage.json", "audit.json"} <= \
             {p.name for p in folder.iterdir()}
+        assert r["setting"] == json.loads((folder / "metrics.json").read_text())["setting"]   # the trainer's name too
         assert r["leakage"]["ok"] and r["leakage"]["generated_train_masks"] == r["train_images"]
         assert r["audit"]["accuracy"] == pytest.approx(r["accuracy"])   # the audit sees what training scored
-        assert r["audit"]["blank_masks"].startswith("ground truth")
+        assert r["audit"]["blank_masks"].startswith("ground truth") and r["audit"]["version"] == sweep.AUDIT_VERSION
         ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
         assert ckpt["slimmed"] and "optimizer" not in ckpt and {"model", "args", "classes"} <= ckpt.keys()
     text = (out / "results.md").read_text()
-    for heading in ("## Masker", "## Classifier", "paired by seed", "before/after --balance", "## Shortcut audit"):
+    for heading in ("## Masker", "## Classifier", "paired by seed", "--balance twin", "## Shortcut audit", "2/2^n"):
         assert heading in text
-    assert "| WBC_100 | alpha1_0 - nomask |" in text
+    assert "| WBC_100 | alpha1_0 - nomask | 1 |" in text
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["classifiers"]) == 2 and "preds" not in saved["classifiers"][0]["audit"]
+    assert {r["metric"] for r in saved["stats"]["paired"]} == {k for k, _ in sweep.PAIRED_METRICS}
 
 
-def test_rerun_skips_finished_runs(tiny_sweep, monkeypatch, capsys):
+def test_rerun_skips_finished_runs_and_refuses_changed_ones(tiny_sweep, capsys):
     root, out, _ = tiny_sweep
-
-    def refuse(argv=None):
-        raise AssertionError("a finished run was trained again")
-    monkeypatch.setattr(train_classifier, "main", refuse)
-    monkeypatch.setattr(train_masker, "main", refuse)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/metrics.json")}
     result = sweep.main(["--data", str(root), "--out", str(out), "--no-figures"] + SWEEP)
-    assert result["failures"] == []
-    assert "2 runs, 2 finished before (skipped), 0 to run" in capsys.readouterr().out
+    assert result["failures"] == [] and "3 runs, 3 finished before (skipped), 0 to run" in capsys.readouterr().out
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("**/metrics.json")}   # nothing trained again
     changed = list(SWEEP)
     changed[changed.index("--epochs") + 1] = "2"
     with pytest.raises(SystemExit, match="--epochs '1' -> '2'"):
         sweep.main(["--data", str(root), "--out", str(out), "--no-figures"] + changed)
+
+
+def test_report_only_covers_every_finished_run_once_and_names_the_missing(tiny_sweep, capsys):
+    """A run copied in under another seed, in the old format (metrics.json with a 'compute' dict, checkpoint args
+    with old keys, no audit.json), is audited and reported; the seeds asked for but not run are named."""
+    _, out, _ = tiny_sweep
+    old = out / "classifier" / "WBC_100" / "nomask" / "seed7"
+    shutil.copytree(out / "classifier" / "WBC_100" / "nomask" / "seed0", old)
+    (old / "audit.json").unlink()
+    metrics = json.loads((old / "metrics.json").read_text()) | {"compute": {"channels_last": True}}
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    ckpt = torch.load(old / "checkpoint.pt", weights_only=True)
+    torch.save(ckpt | {"args": ckpt["args"] | {"pretrain": True, "tf32": False}}, old / "checkpoint.pt")
+    result = sweep.main(["--out", str(out), "--report-only", "--seeds", "0", "1", "--no-figures"])
+    assert result["failures"] == []
+    assert sorted(result["missing"]) == ["classifier/WBC_100/alpha1_0/seed1", "classifier/WBC_100/nomask/seed1"]
+    folders = [r["folder"] for r in json.loads((out / "results.json").read_text())["classifiers"]]
+    assert len(folders) == 3 == len(set(folders)) and str(old) in folders
+    assert json.loads((old / "audit.json").read_text())["accuracy"] == pytest.approx(metrics["accuracy"])
+    text = (out / "results.md").read_text()
+    assert "missing from the grid: 2" in text and "classifier/WBC_100/nomask/seed1" in text
+    assert "| WBC_100 | nomask | 50.0 |" in text or "| WBC_100 | nomask |" in text
+    assert "2 run(s) of the grid missing" in capsys.readouterr().out
+    shutil.rmtree(old)
 
 
 def test_figures_are_pngs(tiny_sweep):
@@ -217,5 +288,6 @@ def test_figures_are_pngs(tiny_sweep):
 def test_figures_skip_cleanly_without_matplotlib(tiny_sweep, monkeypatch, capsys):
     _, out, result = tiny_sweep
     monkeypatch.setitem(sys.modules, "matplotlib", None)     # import matplotlib now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     assert sweep.make_figures(out, result["classifiers"], torch.device("cpu")) == []
     assert "matplotlib is not installed" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 """Tests for synth.py on tiny synthetic sets (64 px, a few hundred images)."""
-import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,21 +158,74 @@ def test_confound_changes_only_the_tint(root, confounded):
     assert np.array_equal(a, b)
 
 
-def test_arguments_are_validated():
-    parser = synth.add_synth_args(argparse.ArgumentParser())
-    assert parser.parse_args([]).size == 128
-    for bad in (["--scale", "0"], ["--size", "16"], ["--confound", "1.5"], ["--workers", "0"], ["--seed", "x"]):
-        with pytest.raises(SystemExit):
-            parser.parse_args(bad)
-    with pytest.raises(ValueError):
-        synth.write_synth("unused", scale=-1)
+def run_cli(*args, cwd=None):
+    script = Path(synth.__file__)
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or script.parent)
+
+
+def test_write_synth_refuses_bad_values():
+    for bad in (dict(scale=-1), dict(scale=float("inf")), dict(scale=float("nan")), dict(size=16), dict(confound=2)):
+        with pytest.raises(ValueError):
+            synth.write_synth("unused", **bad)
+    assert not Path("unused").exists()
 
 
 def test_command_line(tmp_path):
-    script = Path(synth.__file__)
-    out = subprocess.run([sys.executable, str(script), str(tmp_path), "--scale", "0.005", "--size", "32",
-                          "--workers", "1"], capture_output=True, text=True, check=True, cwd=script.parent).stdout
-    assert "WBC_100/train" in out and "CAM16/test" in out and "WBC_1/train" in out and "s\n" in out
-    assert (tmp_path / "WBC_1/train/data/Basophil").is_dir()
-    bad = subprocess.run([sys.executable, str(script), str(tmp_path), "--size", "8"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--size" in bad.stderr
+    done = run_cli(tmp_path / "out", "--scale", "0.005", "--size", "32", "--workers", "1", "--seed", "2",
+                   "--confound", "0.5")
+    assert done.returncode == 0, done.stderr
+    assert "WBC_100/train" in done.stdout and "CAM16/test" in done.stdout and "WBC_1/train" in done.stdout
+    assert (tmp_path / "out/WBC_1/train/data/Basophil").is_dir()
+    synth.write_synth(tmp_path / "api", scale=0.005, size=32, seed=2, confound=0.5, workers=1)
+    assert files(tmp_path / "out") == files(tmp_path / "api"), "the command must write what write_synth writes"
+    refused = run_cli(tmp_path / "out", "--size", "8")  # the real process: an argparse error, then a sys.exit one
+    assert refused.returncode == 2 and refused.stderr.splitlines()[-1].startswith("synth.py: error: argument --size")
+    refused = run_cli(next((tmp_path / "out/pRCC").glob("*.jpg")))
+    assert refused.returncode == 1 and refused.stderr.startswith("error: ROOT") and refused.stderr.count("\n") == 1
+    usage = run_cli("-h")
+    assert usage.returncode == 0 and synth.USAGE in usage.stdout
+    for flag in ("ROOT", "--scale", "--size", "--seed", "--confound", "--workers"):
+        assert any(line.split()[:1] == [flag] for line in usage.stdout.splitlines()), f"no help for {flag}"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--scale", "0"], "--scale"), (["--scale", "-0.5"], "--scale"), (["--scale", "nan"], "--scale"),
+    (["--scale", "inf"], "--scale"), (["--scale", "x"], "--scale"), (["--size", "31"], "--size"),
+    (["--size", "64.5"], "--size"), (["--seed", "-1"], "--seed"), (["--confound", "1.01"], "--confound"),
+    (["--confound", "-0.1"], "--confound"), (["--confound", "nan"], "--confound"), (["--workers", "0"], "--workers"),
+    ([], "ROOT")])
+def test_command_line_refuses_bad_values(tmp_path, capsys, args, needle):
+    root = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:  # in-process: any other exception (a traceback) fails the test
+        synth.main([str(root)] * (needle != "ROOT") + args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and needle in err[-1] and err[-1].startswith("synth.py: error:"), err
+    assert not root.exists(), "nothing may be written after a refusal"
+
+
+def unwritable(tmp_path):
+    """A folder this process may not write in (root ignores permission bits, but not in /sys)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder if os.geteuid() else Path("/sys")
+
+
+@pytest.mark.parametrize("case", ["empty", "file", "under_file", "read_only", "under_read_only"])
+def test_command_line_refuses_bad_root(tmp_path, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)  # so that a wrongly accepted empty ROOT would write here
+    (tmp_path / "file").write_text("keep me")
+    read_only = unwritable(tmp_path)
+    root = {"empty": "", "file": tmp_path / "file", "under_file": tmp_path / "file/sub", "read_only": read_only,
+            "under_read_only": read_only / "synth_test_root"}[case]
+    try:
+        with pytest.raises(SystemExit) as stop:
+            synth.main([str(root), "--scale", "0.005", "--size", "32", "--workers", "1"])
+    finally:
+        (tmp_path / "read_only").chmod(0o755)
+    message = stop.value.code  # sys.exit(message): Python prints it to stderr and exits with status 1
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    assert (str(root) if root else "empty") in message, message
+    assert (tmp_path / "file").read_text() == "keep me" and not list((tmp_path / "read_only").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "read_only"], "nothing may be written"

@@ -128,7 +128,7 @@ def main(argv=None):
     args = parse_args(argv)
     device, channel, ckpt_path = torch.device(args.device), args.mask_mode == "channel", args.out / "checkpoint.pt"
     cuda = device.type == "cuda"
-    amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else \
+    args.amp = amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else \
         "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"   # emulated bf16 would be slower than fp32
     autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")   # fp16 gradients underflow without it
@@ -141,7 +141,8 @@ def main(argv=None):
     # checkpoints and weight files first: a bad one fails before any image is decoded
     resume = load_checkpoint(ckpt_path, ("model", "args", "optimizer", "rng", "fingerprint")) if args.resume else None
     plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
-    differ = [f"--{k.replace('_', '-')}" for k in SAME_FOR_RESUME if resume and resume["args"].get(k) != plain_args[k]]
+    differ = [f"--{k.replace('_', '-')} ({resume['args'].get(k)!r} then, {plain_args[k]!r} now)" for k in SAME_FOR_RESUME
+              if resume and resume["args"].get(k) != plain_args[k]]
     if differ or (resume and resume["finished"]):
         sys.exit(f"--resume: {ckpt_path} " + (f"was written with other {', '.join(differ)}; rerun with the same flags"
                                               if differ else "is of a finished run") + " or use another --out")

@@ -172,7 +172,7 @@ def write_masks(model, image_set, folder, device, autocast, threshold):
 def main(argv=None):
     args = parse_args(argv)
     device, ckpt_path, cache = torch.device(args.device), args.out / "checkpoint.pt", None if args.cache == "none" else args.cache
-    amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16") \
+    args.amp = amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16") \
         if device.type == "cuda" else "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"   # emulated bf16 is slow
     autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")   # fp16 gradients underflow without it
@@ -183,7 +183,8 @@ def main(argv=None):
     claim_folder(args.out)   # refuses a second live run on the same folder
     resume = load_checkpoint(ckpt_path, ("model", "args", "optimizer", "rng", "stage")) if args.resume else None
     args.plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
-    differ = [f"--{k.replace('_', '-')}" for k in SAME_FOR_RESUME if resume and resume["args"].get(k) != args.plain[k]]
+    differ = [f"--{k.replace('_', '-')} ({resume['args'].get(k)!r} then, {args.plain[k]!r} now)" for k in SAME_FOR_RESUME
+              if resume and resume["args"].get(k) != args.plain[k]]
     if differ or (resume and resume["finished"]):
         sys.exit(f"--resume: {ckpt_path} " + (f"was written with other {', '.join(differ)}; rerun with the same flags"
                                               if differ else "is of a finished run") + " or use another --out")
