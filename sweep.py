@@ -1,13 +1,13 @@
-"""The report's experiments: splits x settings x seeds of train_masker.py and train_classifier.py, each run a
-subprocess (fresh memory; a crash fails that run only), then a shortcut audit, paired statistics, tables, figures.
+"""The report's experiments: train_masker.py and train_classifier.py over splits x settings x seeds, each run a
+subprocess (fresh memory; a crash fails that run only), then a shortcut audit, paired statistics, tables and figures.
 
     python sweep.py --data data --splits 100 10 --seeds 0 1 2 --size 64 --epochs 7 --out results/demo
-    python sweep.py --confound 0.9 --out results/confound     # on synthetic data, background tint confounded
+    python sweep.py --confound 0.9 --out results/confound     # synthetic data, background tint confounded
     python sweep.py --out results/demo --report-only          # audit, tables and figures of whatever has finished
 
-The classifiers of a split use the center-loss masks of the first masker seed. Each run's folder (OUT/masker/
-WBC_<split>_<loss>_seed<k>/, OUT/classifier/WBC_<split>/<setting>/seed<k>/) gets args.json, stdout.log, the trainer's
-files; a run whose metrics.json (written last) exists is skipped. OUT/sweep.json, figures/, results.{md,json}: the rest.
+Runs go to OUT/masker/WBC_<split>_<loss>_seed<k>/ and OUT/classifier/WBC_<split>/<setting>/seed<k>/ (the classifiers
+use the first masker seed's center-loss masks); a run whose metrics.json (its trainer writes it last) exists is
+skipped. Also OUT/sweep.json (the arguments), OUT/data/ (--synth), OUT/figures/, OUT/results.md, OUT/results.json.
 """
 import argparse
 import csv
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data", help="dataset root: ROOT/WBC_<split>/train, ROOT/WBC_100/val (not with --synth)")
     g.add_argument("--synth", action="store_true", help="synthesise the dataset into OUT/data first (once)")
-    g.add_argument("--confound", type=float, help="--synth with train background tints = class with this probability")
+    g.add_argument("--confound", type=float, help="(implies --synth) train tints follow the class with this probability")
     g.add_argument("--synth-scale", type=float, default=0.1, help="synthetic dataset size, fraction of the real one")
     g.add_argument("--synth-size", type=int, default=128, help="side of the synthetic images in px")
     g.add_argument("--synth-seed", type=int, default=0, help="seed of the synthetic dataset")
@@ -205,15 +205,15 @@ def execute(runs, args, root):
             if not args.keep_optimizer:   # only resuming needs the optimizer state (2/3 of the bytes); slim before the audit
                 ckpt = {k: v for k, v in load_checkpoint(folder / "checkpoint.pt").items() if k not in ("optimizer", "scheduler")}
                 save_checkpoint(ckpt | {"slimmed": True}, folder / "checkpoint.pt")
-            failures += audit_all(args.out, args.dev, [folder])
+            audit_all(args.out, args.dev, [folder])   # now, so audits appear as the sweep goes; main() lists failures
     return failures
 
 # ---------------------------------------------------------------------------- shortcut audit
 def locate(path, out):
-    """A path a run recorded, else its longest tail under OUT: a copied or moved sweep still finds its data, masks."""
-    path = Path(path)
-    tails = (Path(out, *path.parts[i:]) for i in range(int(path.is_absolute()), len(path.parts)))
-    return path if path.exists() else next((t for t in tails if t.exists()), path)
+    """The longest tail of a path a run recorded that exists under OUT, else the path: a copied or renamed sweep finds
+    its own data and masks (not what now lies at the old place)."""
+    tails = (Path(out, *Path(path).parts[i:]) for i in range(int(Path(path).is_absolute()), len(Path(path).parts)))
+    return next((t for t in tails if t.exists()), Path(path))
 
 @functools.lru_cache(maxsize=8)
 def load_val(root, split, size, classes, generated):
@@ -420,7 +420,7 @@ def paired_tables(stats):
 
 def report(args, maskers, classifiers, missing, figures):
     """results.md (set-up, missing runs, every table) and results.json; returns the markdown."""
-    out, cfg, first = args.out, read_json(args.out / "sweep.json"), (classifiers or [{}])[0]
+    out, cfg, first = args.out, {"masker_seeds": ["?"]} | read_json(args.out / "sweep.json"), (classifiers or [{}])[0]
     stats = [row for key, _ in PAIRED_METRICS for row in comparisons(classifiers, key)]
     audited = next((r["audit"] for r in classifiers if r["audit"]), {})
     leaks = [r["folder"] for r in classifiers if r["leakage"] and not r["leakage"].get("ok")]
@@ -428,8 +428,8 @@ def report(args, maskers, classifiers, missing, figures):
     text = "\n".join([
         f"# Sweep results: {out}", "",
         f"- data {cfg.get('data')}" + (f" (synthetic {cfg['synth']})" if cfg.get("synth") else "") + f"; init {cfg.get('init')}",
-        f"- {cfg.get('size')} px; epochs for WBC_100 (smaller splits get more): classifier {cfg.get('epochs')}, masker "
-        f"{cfg.get('masker_epochs')} after {cfg.get('pretrain_epochs')} on CAM16; masker seeds {cfg.get('masker_seeds')}",
+        f"- {cfg.get('size')} px; WBC_100 epochs (scaled up for smaller splits): classifier {cfg.get('epochs')}, masker "
+        f"{cfg.get('masker_epochs')} + {cfg.get('pretrain_epochs')} on CAM16; masks of masker seed {cfg['masker_seeds'][0]}",
         f"- finished: {len(maskers)} masker, {len(classifiers)} classifier runs; majority baseline on val "
         + ", ".join(sorted({f"{100 * r['majority_baseline']:.1f}%" for r in classifiers})),
         f"- missing from the grid: {len(missing)}" + "".join(f"\n  - {m}" for m in missing),

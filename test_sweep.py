@@ -107,11 +107,12 @@ def test_cam_inside_mask_by_hand():
     assert share[0].item() == pytest.approx(0.75) and math.isnan(share[1].item())
 
 
-def test_locate_finds_a_moved_sweeps_files(tmp_path):
+def test_locate_finds_a_moved_sweeps_own_files(tmp_path, monkeypatch):
     (tmp_path / "copy" / "data" / "WBC_100").mkdir(parents=True)
+    (tmp_path / "results" / "old" / "data").mkdir(parents=True)   # what now lies at the recorded place
+    monkeypatch.chdir(tmp_path)
     assert sweep.locate("results/old/data", tmp_path / "copy") == tmp_path / "copy" / "data"
-    assert sweep.locate(tmp_path, tmp_path / "copy") == tmp_path                       # exists: as is
-    assert sweep.locate("/gone/x/masker/m", tmp_path / "copy") == sweep.Path("/gone/x/masker/m")   # no tail: as is
+    assert sweep.locate(tmp_path / "elsewhere", tmp_path / "copy") == tmp_path / "elsewhere"   # no tail under OUT
 
 
 # ---------------------------------------------------------------------------- leakage guard
@@ -202,14 +203,14 @@ def test_finished_run_with_other_arguments_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------- end to end
 
-SWEEP = ["--splits", "100", "--seeds", "0", "--settings", "nomask", "alpha1_0", "--masker-losses", "center",
+SWEEP = ["--splits", "100", "--seeds", "0", "--settings", "alpha1_0", "--masker-losses", "center",
          "--size", "32", "--epochs", "1", "--masker-epochs", "1", "--pretrain-epochs", "0", "--device", "cpu",
          "--batch-size", "16", "--masker-batch-size", "16", "--scratch"]
 
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
-    """One masker and two classifier runs on 43 + 10 images of 32 px: the trainers' smallest real work."""
+    """One masker run and one classifier run on its masks, 43 + 10 images of 32 px: the smallest real work."""
     root = tmp_path_factory.mktemp("synth")
     write_synth(root, scale=0.005, size=32, seed=1, workers=2)
     out = tmp_path_factory.mktemp("sweep")
@@ -219,7 +220,7 @@ def tiny_sweep(tmp_path_factory):
 def test_tiny_sweep_writes_runs_records_and_tables(tiny_sweep):
     root, out, result = tiny_sweep
     assert result["failures"] == [] and result["missing"] == []
-    assert len(result["maskers"]) == 1 and len(result["classifiers"]) == 2
+    assert len(result["maskers"]) == 1 and len(result["classifiers"]) == 1
     for r in result["classifiers"]:
         folder = out / "classifier" / "WBC_100" / r["setting"] / "seed0"
         assert {"args.json", "stdout.log", "log.csv", "metrics.json", "checkpoint.pt", "leakage.json", "audit.json"} <= \
@@ -233,17 +234,16 @@ def test_tiny_sweep_writes_runs_records_and_tables(tiny_sweep):
     text = (out / "results.md").read_text()
     for heading in ("## Masker", "## Classifier", "paired by seed", "--balance twin", "## Shortcut audit", "2/2^n"):
         assert heading in text
-    assert "| WBC_100 | alpha1_0 - nomask | 1 |" in text
+    assert "| WBC_100 | alpha1_0 | " in text and "| WBC_100 | center | " in text
     saved = json.loads((out / "results.json").read_text())
-    assert len(saved["classifiers"]) == 2 and "preds" not in saved["classifiers"][0]["audit"]
-    assert {r["metric"] for r in saved["stats"]["paired"]} == {k for k, _ in sweep.PAIRED_METRICS}
+    assert len(saved["classifiers"]) == 1 and "preds" not in saved["classifiers"][0]["audit"]
 
 
 def test_rerun_skips_finished_runs_and_refuses_changed_ones(tiny_sweep, capsys):
     root, out, _ = tiny_sweep
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/metrics.json")}
     result = sweep.main(["--data", str(root), "--out", str(out), "--no-figures"] + SWEEP)
-    assert result["failures"] == [] and "3 runs, 3 finished before (skipped), 0 to run" in capsys.readouterr().out
+    assert result["failures"] == [] and "2 runs, 2 finished before (skipped), 0 to run" in capsys.readouterr().out
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("**/metrics.json")}   # nothing trained again
     changed = list(SWEEP)
     changed[changed.index("--epochs") + 1] = "2"
@@ -252,25 +252,28 @@ def test_rerun_skips_finished_runs_and_refuses_changed_ones(tiny_sweep, capsys):
 
 
 def test_report_only_covers_every_finished_run_once_and_names_the_missing(tiny_sweep, capsys):
-    """A run copied in under another seed, in the old format (metrics.json with a 'compute' dict, checkpoint args
-    with old keys, no audit.json), is audited and reported; the seeds asked for but not run are named."""
+    """A run copied in as nomask/seed0 in the old format (metrics.json with a 'compute' dict, checkpoint args with
+    old keys, no audit.json) is audited, reported and paired with alpha1_0; the runs asked for but absent are named."""
     _, out, _ = tiny_sweep
-    old = out / "classifier" / "WBC_100" / "nomask" / "seed7"
-    shutil.copytree(out / "classifier" / "WBC_100" / "nomask" / "seed0", old)
+    old = out / "classifier" / "WBC_100" / "nomask" / "seed0"
+    shutil.copytree(out / "classifier" / "WBC_100" / "alpha1_0" / "seed0", old)
     (old / "audit.json").unlink()
     metrics = json.loads((old / "metrics.json").read_text()) | {"compute": {"channels_last": True}}
     (old / "metrics.json").write_text(json.dumps(metrics))
     ckpt = torch.load(old / "checkpoint.pt", weights_only=True)
     torch.save(ckpt | {"args": ckpt["args"] | {"pretrain": True, "tf32": False}}, old / "checkpoint.pt")
-    result = sweep.main(["--out", str(out), "--report-only", "--seeds", "0", "1", "--no-figures"])
+    result = sweep.main(["--out", str(out), "--report-only", "--settings", "nomask", "alpha1_0", "--seeds", "0", "1",
+                         "--no-figures"])
     assert result["failures"] == []
     assert sorted(result["missing"]) == ["classifier/WBC_100/alpha1_0/seed1", "classifier/WBC_100/nomask/seed1"]
-    folders = [r["folder"] for r in json.loads((out / "results.json").read_text())["classifiers"]]
-    assert len(folders) == 3 == len(set(folders)) and str(old) in folders
+    saved = json.loads((out / "results.json").read_text())
+    folders = [r["folder"] for r in saved["classifiers"]]
+    assert len(folders) == 2 == len(set(folders)) and str(old) in folders
     assert json.loads((old / "audit.json").read_text())["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert {r["metric"] for r in saved["stats"]["paired"]} == {k for k, _ in sweep.PAIRED_METRICS}
     text = (out / "results.md").read_text()
     assert "missing from the grid: 2" in text and "classifier/WBC_100/nomask/seed1" in text
-    assert "| WBC_100 | nomask | 50.0 |" in text or "| WBC_100 | nomask |" in text
+    assert text.count("| WBC_100 | alpha1_0 - nomask | 1 | +0.0 |") == len(sweep.PAIRED_METRICS)   # the same model
     assert "2 run(s) of the grid missing" in capsys.readouterr().out
     shutil.rmtree(old)
 
@@ -279,7 +282,7 @@ def test_figures_are_pngs(tiny_sweep):
     pytest.importorskip("matplotlib")
     _, out, result = tiny_sweep
     names = {p.name for p in result["figures"]}
-    assert {"accuracy_vs_split.png", "confusion_WBC_100_nomask.png", "cam_WBC_100_alpha1_0.png"} <= names
+    assert {"accuracy_vs_split.png", "confusion_WBC_100_alpha1_0.png", "cam_WBC_100_alpha1_0.png"} <= names
     for path in list(result["figures"]) + list(out.glob("classifier/*/*/*/curves.png")):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 100
