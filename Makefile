@@ -1,18 +1,22 @@
-# make demo: the main job on synthetic data (2-core CPU: about 5 minutes); make test: the tests.
-PY ?= python
+# make demo: the main job on synthetic data (about 2-4 minutes on 2 CPU cores); make test: the tests.
+# Each first installs what it needs (requirements.txt; quick when already installed).
+PY ?= python3
 DATA ?= data
 SIZE ?= 64
 RUNS ?= runs
 
-.PHONY: demo synth masker classifier evaluate test tecom300
+.PHONY: install demo synth masker classifier evaluate test tecom300
 
-demo: synth masker classifier evaluate
+install:
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+
+demo: install synth masker classifier evaluate
 
 synth:
-	$(PY) data.py synth $(DATA) --scale 0.1 --size 128 --seed 0
+	$(PY) synth.py $(DATA) --scale 0.1 --size 128 --seed 0
 
 masker:
-	$(PY) train_masker.py --data $(DATA) --split 100 --pretrain --pretrain-epochs 2 --size $(SIZE) \
+	$(PY) train_masker.py --data $(DATA) --split 100 --pretrain-on $(DATA)/CAM16 --pretrain-epochs 2 --size $(SIZE) \
 		--epochs 15 --batch-size 8 --lr 2e-3 --out $(RUNS)/masker_WBC_100
 
 classifier:
@@ -24,12 +28,12 @@ evaluate:
 	$(PY) evaluate.py $(RUNS)/classifier_WBC_100_alpha-1_1/checkpoint.pt --data $(DATA) --json $(RUNS)/demo_classifier.json
 	$(PY) evaluate.py $(RUNS)/masker_WBC_100/checkpoint.pt --data $(DATA) --json $(RUNS)/demo_masker.json
 
-test:
+test: install
 	$(PY) -m pytest -q
 
 # real images, 300 of them: a smoke test of the pipeline on real BMPs and 0/128/255 masks
 TECOM ?= ../shared/data/tecom300
-tecom300:
+tecom300: install
 	$(PY) train_masker.py --data $(TECOM) --split 100 --size 96 --epochs 30 --batch-size 8 --out $(RUNS)/tecom_masker
 	$(PY) train_classifier.py --data $(TECOM) --split 100 --size 96 --alpha -1 1 --masks $(RUNS)/tecom_masker/masks \
 		--epochs 14 --batch-size 16 --lr 1e-3 --out $(RUNS)/tecom_classifier

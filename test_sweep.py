@@ -1,9 +1,17 @@
-"""sweep.py: the statistics, audit helpers and leakage guard by hand, then one tiny sweep end to end (the trainers
-as subprocesses): records, resuming, the report from whatever finished (old-format runs too), figures."""
+"""sweep.py and sweep_report.py: the statistics, audit helpers, leakage guard and shard split by hand, then one tiny sweep
+end to end as 3 shards (the trainers as subprocesses): records, resuming, --list, the report from whatever finished
+(old-format runs too), figures."""
 import json
 import math
+import os
+import shlex
 import shutil
+import subprocess
 import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +19,7 @@ import torch
 from PIL import Image
 
 import sweep
+import sweep_report
 from synth import write_synth
 
 
@@ -19,38 +28,38 @@ from synth import write_synth
 @pytest.mark.parametrize("t, df, p", [(2.92, 2, 0.1000), (4.303, 2, 0.05), (2.571, 5, 0.05), (12.706, 1, 0.05),
                                       (3.182, 3, 0.05), (2.228, 10, 0.05), (0.0, 4, 1.0)])
 def test_t_cdf_gives_the_tables_two_sided_p(t, df, p):
-    assert 2 * sweep.t_cdf(-t, df) == pytest.approx(p, abs=2e-4)
-    assert sweep.t_cdf(t, df) + sweep.t_cdf(-t, df) == pytest.approx(1.0)   # symmetric
-    assert sweep.t_cdf(-1.0, 1) == pytest.approx(0.25)                     # Cauchy: 1/2 + atan(t)/pi
+    assert 2 * sweep_report.t_cdf(-t, df) == pytest.approx(p, abs=2e-4)
+    assert sweep_report.t_cdf(t, df) + sweep_report.t_cdf(-t, df) == pytest.approx(1.0)   # symmetric
+    assert sweep_report.t_cdf(-1.0, 1) == pytest.approx(0.25)                     # Cauchy: 1/2 + atan(t)/pi
 
 
 def test_sign_flip_p_by_hand():
     # diffs 1, 2, 3: of the 8 sums +-1 +-2 +-3 only +6 and -6 reach |6|: the smallest p at n = 3
-    assert sweep.sign_flip_p([1.0, 2.0, 3.0]) == 0.25
+    assert sweep_report.sign_flip_p([1.0, 2.0, 3.0]) == 0.25
     # 3, -1, 1 (sum 3): |sum| >= 3 for (3,-1,1), (3,1,1), (3,1,-1) and their mirror images: 6 of 8
-    assert sweep.sign_flip_p([3.0, -1.0, 1.0]) == 0.75
-    assert sweep.sign_flip_p([0.1, 0.2, 0.3]) == 0.25     # float sums of a tie still count as a tie
-    assert math.isnan(sweep.sign_flip_p([]))
+    assert sweep_report.sign_flip_p([3.0, -1.0, 1.0]) == 0.75
+    assert sweep_report.sign_flip_p([0.1, 0.2, 0.3]) == 0.25     # float sums of a tie still count as a tie
+    assert math.isnan(sweep_report.sign_flip_p([]))
 
 
 def test_paired_by_hand():
-    p = sweep.paired({0: 0.8, 1: 0.9, 2: 1.0}, {0: 0.7, 1: 0.7, 2: 0.7})   # diffs 0.1, 0.2, 0.3
+    p = sweep_report.paired({0: 0.8, 1: 0.9, 2: 1.0}, {0: 0.7, 1: 0.7, 2: 0.7})   # diffs 0.1, 0.2, 0.3
     assert p["n"] == 3 and p["mean"] == pytest.approx(0.2) and p["std"] == pytest.approx(0.1)
     t = 0.2 / (0.1 / math.sqrt(3))
     assert p["p_t"] == pytest.approx(1 - t / math.sqrt(t * t + 2))   # df 2: P(|T| < t) = t / sqrt(t^2 + 2)
     assert p["p_perm"] == 0.25
-    same = sweep.paired({0: 0.8, 1: 0.9}, {0: 0.7, 1: 0.8})              # +10 points every seed: t ~ inf
+    same = sweep_report.paired({0: 0.8, 1: 0.9}, {0: 0.7, 1: 0.8})              # +10 points every seed: t ~ inf
     assert same["p_t"] == pytest.approx(0, abs=1e-9) and same["p_perm"] == 0.5
-    assert sweep.paired({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})["p_t"] == 0.0   # exactly equal differences: std 0
-    one = sweep.paired({0: 0.8, 5: 0.1}, {0: 0.7})                       # only seed 0 is paired
+    assert sweep_report.paired({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})["p_t"] == 0.0   # exactly equal differences: std 0
+    one = sweep_report.paired({0: 0.8, 5: 0.1}, {0: 0.7})                       # only seed 0 is paired
     assert one["n"] == 1 and math.isnan(one["p_t"]) and one["p_perm"] == 1.0
 
 
 def test_mean_std_and_format():
-    assert sweep.mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)), 2)
-    assert sweep.fmt([0.5, 0.7]) == "60.0 ± 14.1"
-    assert sweep.fmt([0.5, None, float("nan")]) == "50.0"
-    assert sweep.fmt([]) == "-"
+    assert sweep_report.mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)), 2)
+    assert sweep_report.fmt([0.5, 0.7]) == "60.0 ± 14.1"
+    assert sweep_report.fmt([0.5, None, float("nan")]) == "50.0"
+    assert sweep_report.fmt([]) == "-"
 
 
 def run(setting, seed, acc, cell=None):
@@ -60,13 +69,13 @@ def run(setting, seed, acc, cell=None):
 def test_comparisons_pair_each_mask_setting_with_both_controls():
     runs = [run(s, k, a + k / 100, 0.5) for s, a in (("nomask", 0.5), ("alpha0_1", 0.6), ("alpha1_0", 0.8),
                                                      ("nomask_balance", 0.5), ("alpha1_0_balance", 0.7)) for k in range(3)]
-    rows = sweep.comparisons(runs, "accuracy")
+    rows = sweep_report.comparisons(runs, "accuracy")
     pairs = {(r["setting"], r["control"]) for r in rows}
     assert pairs == {("alpha0_1", "nomask"), ("alpha1_0", "nomask"), ("alpha1_0", "alpha0_1"),
                      ("alpha1_0_balance", "nomask_balance")}   # no alpha0_1_balance run: no such pair
     vs_clean = next(r for r in rows if r["control"] == "alpha0_1")
     assert vs_clean["mean"] == pytest.approx(0.2) and vs_clean["p_perm"] == 0.25 and vs_clean["p_t"] < 1e-6
-    cell = sweep.comparisons(runs, "cell_only_agreement")   # an audit.json number
+    cell = sweep_report.comparisons(runs, "cell_only_agreement")   # an audit.json number
     assert len(cell) == 4 and all(r["mean"] == 0 and r["p_t"] == 1.0 for r in cell)
 
 
@@ -85,15 +94,15 @@ def two_smears():
 
 def test_blank_keeps_only_the_cell_or_only_the_background():
     images, masks = two_smears()
-    cell = sweep.blank(images, masks, "cell")
+    cell = sweep_report.blank(images, masks, "cell")
     assert torch.equal(cell[:, :, 10:20, 12:22], images[:, :, 10:20, 12:22])
     assert torch.equal(cell[0, :, 0, 0], cell[1, :, 0, 0])           # one shared colour: no tint survives
     assert cell[0, :, 0, 0].tolist() == [150, 150, 100]              # the mean of both backgrounds
-    back = sweep.blank(images, masks, "background")
+    back = sweep_report.blank(images, masks, "background")
     for i in range(2):
         assert torch.equal(back[i], images[i, :, :1, :1].expand(3, 32, 32))   # the cell painted over
     with pytest.raises(ValueError):
-        sweep.blank(images, masks, "nucleus")
+        sweep_report.blank(images, masks, "nucleus")
 
 
 def test_cam_inside_mask_by_hand():
@@ -103,16 +112,8 @@ def test_cam_inside_mask_by_hand():
     maps[1, 1] = -1.0                                          # nowhere positive
     masks = torch.zeros(2, 1, 4, 4)
     masks[:, :, :, :2] = 1
-    share = sweep.cam_inside(maps, torch.tensor([1, 1]), masks)
+    share = sweep_report.cam_inside(maps, torch.tensor([1, 1]), masks)
     assert share[0].item() == pytest.approx(0.75) and math.isnan(share[1].item())
-
-
-def test_locate_finds_a_moved_sweeps_own_files(tmp_path, monkeypatch):
-    (tmp_path / "copy" / "data" / "WBC_100").mkdir(parents=True)
-    (tmp_path / "results" / "old" / "data").mkdir(parents=True)   # what now lies at the recorded place
-    monkeypatch.chdir(tmp_path)
-    assert sweep.locate("results/old/data", tmp_path / "copy") == tmp_path / "copy" / "data"
-    assert sweep.locate(tmp_path / "elsewhere", tmp_path / "copy") == tmp_path / "elsewhere"   # no tail under OUT
 
 
 # ---------------------------------------------------------------------------- leakage guard
@@ -164,8 +165,13 @@ def test_argument_checks(tmp_path):
     args = sweep.parse_args(["--out", str(tmp_path), "--confound", "0.9", "--settings", "alpha1_0", "nomask"])
     assert args.synth and args.settings == ["nomask", "alpha1_0"] and args.masker_losses[0] == "center"
     assert args.seeds == [0, 1, 2] and args.masker_seeds == [0, 1, 2]
+    assert args.shard == (0, 1) and not args.sharded and args.stage == "all"
+    args = sweep.parse_args(["--out", str(tmp_path), "--shard", "2/3", "--stage", "masker"])
+    assert args.shard == (2, 3) and args.sharded
     for bad in (["--settings", "alpha2_0"], ["--confound", "1.5"], ["--size", "48"], ["--synth", "--data", "d"],
-                ["--in-process"], ["--pretrain"], ["--scratch", "--pretrained"]):
+                ["--in-process"], ["--pretrain"], ["--scratch"], ["--weights", "w.pt", "--pretrained"],
+                ["--shard", "3/3"], ["--shard", "1"], ["--shard", "-1/3"], ["--stage", "audit"],
+                ["--jobs-per-device", "0"], ["--devices", "cpu", "tpu"]):
         with pytest.raises(SystemExit):
             sweep.parse_args(["--out", str(tmp_path)] + bad)
 
@@ -194,103 +200,205 @@ def test_synth_marker_refuses_other_parameters(tmp_path):
         sweep.ensure_synth(tmp_path, 0.1, 128, 0, 0.9)
 
 
-def test_finished_run_with_other_arguments_is_refused(tmp_path):
-    (tmp_path / "args.json").write_text(json.dumps({"argv": ["--epochs", "3", "--alpha", "-1", "1"]}))
-    sweep.check_same_args(tmp_path, ["--alpha", "-1", "1", "--epochs", "3"])   # order does not matter
-    with pytest.raises(SystemExit, match="--epochs '3' -> '5'"):
-        sweep.check_same_args(tmp_path, ["--epochs", "5", "--alpha", "-1", "1"])
+# ---------------------------------------------------------------------------- shards and devices
+
+def small_grid(out, *more):
+    return sweep.parse_args(["--out", str(out), "--splits", "100", "10", "--seeds", "0", "1", "--settings", "nomask",
+                             "alpha1_0"] + list(more))
+
+
+def test_shards_split_the_grid_by_its_order_not_by_what_has_finished(tmp_path):
+    runs = sweep.grid_runs(small_grid(tmp_path))   # 2 splits x 2 losses x 2 seeds maskers, then 2 x 2 x 2 classifiers
+    owner = sweep.shard_of(runs, 3)
+    assert len(runs) == 16 and list(owner) == [f for _, f, _ in runs] and list(owner.values()) == [k % 3 for k in range(16)]
+    assert sorted(Counter(owner.values()).values()) == [5, 5, 6]                # every run in one shard, balanced
+    for _, folder, _ in runs[::2]:                                              # half of them finish
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text("{}")
+    assert sweep.shard_of(sweep.grid_runs(small_grid(tmp_path, "--report-only")), 3) == owner
+    assert sweep.shard_of(runs, 1) == dict.fromkeys(owner, 0)
+
+
+def test_devices_run_k_at_once_each_maskers_first(tmp_path, monkeypatch):
+    """execute() with a stand-in for run_one: 2 devices x 2 jobs hold 4 runs at once, never 3 on one device, and no
+    classifier starts before every masker has ended; failures come back."""
+    args = small_grid(tmp_path, "--splits", "100", "--jobs-per-device", "2")
+    args.devices = ["cuda:0", "cuda:1"]   # parse_args refuses them without CUDA; run_one is a stand-in
+    held, events, lock, together = Counter(), [], threading.Lock(), threading.Barrier(4, timeout=20)
+
+    def run_one(script, folder, argv, device, *_):
+        with lock:
+            held[device] += 1
+            events.append(("start", script, device, held[device]))
+        together.wait()   # all 4 of a stage at once, or BrokenBarrierError
+        time.sleep(0.05)
+        with lock:
+            held[device] -= 1
+            events.append(("end", script, device, held[device]))
+        return (str(folder), "boom") if "seed1" in str(folder) else None
+    monkeypatch.setattr(sweep, "run_one", run_one)
+    runs = sweep.grid_runs(args)
+    failures = sweep.execute(runs, args, tmp_path, sweep.shard_of(runs, 1))
+    assert sorted(f for f, _ in failures) == sorted(str(f) for _, f, _ in runs if "seed1" in str(f))
+    assert max(n for kind, _, _, n in events if kind == "start") == 2
+    assert Counter(d for kind, _, d, _ in events if kind == "start") == {"cuda:0": 4, "cuda:1": 4}
+    last_masker = max(i for i, e in enumerate(events) if e[1] == "train_masker.py")
+    assert all(e[1] == "train_classifier.py" for e in events[last_masker + 1:]) and events[last_masker][0] == "end"
+    assert len(events) == 16 and all(e[1] == "train_masker.py" for e in events[:8])
+
+
+def test_list_prints_each_run_once_across_shards(tmp_path, synth_root, capsys):
+    lines = {}
+    for k in range(3):
+        assert sweep.main(["--data", str(synth_root), "--out", str(tmp_path), "--shard", f"{k}/3", "--list"] + SWEEP2) \
+            == {"failures": [], "report": None}
+        lines[k] = capsys.readouterr().out.splitlines()
+    argvs = {k: [shlex.split(line) for line in v] for k, v in lines.items()}
+    outs = [a[a.index("--out") + 1] for v in argvs.values() for a in v]
+    grid = [str(f) for _, f, _ in sweep.grid_runs(sweep.parse_args(["--out", str(tmp_path)] + SWEEP2))]
+    assert sorted(outs) == sorted(grid) and len(set(outs)) == 3 == len(outs)
+    assert [len(v) for v in argvs.values()] == [1, 1, 1] and argvs[0][0][:2] == ["python", "train_masker.py"]
+    assert all(a[1] == "train_classifier.py" and "--masks" in a for a in argvs[1] + argvs[2])
+    assert not (tmp_path / "masker").exists()   # listed, not run
+    assert not any("--weights" in a or "--pretrained" in a for v in argvs.values() for a in v)   # ImageNet if asked
+    assert json.loads((tmp_path / "sweep.json").read_text())["init"] == "from scratch"
+    sweep.main(["--data", str(synth_root), "--out", str(tmp_path), "--stage", "classifier", "--list"] + SWEEP2)
+    assert [shlex.split(line)[1] for line in capsys.readouterr().out.splitlines()] == ["train_classifier.py"] * 2
+
+
 
 
 # ---------------------------------------------------------------------------- end to end
 
-SWEEP = ["--splits", "100", "--seeds", "0", "--settings", "alpha1_0", "--masker-losses", "center",
-         "--size", "32", "--epochs", "1", "--masker-epochs", "1", "--pretrain-epochs", "0", "--device", "cpu",
-         "--batch-size", "16", "--masker-batch-size", "16", "--scratch"]
+SWEEP2 = ["--splits", "100", "--seeds", "0", "--masker-seeds", "0", "--settings", "alpha1_0", "nomask", "--masker-losses",
+          "center", "--size", "32", "--epochs", "1", "--masker-epochs", "1", "--pretrain-epochs", "0", "--device", "cpu",
+          "--batch-size", "16", "--masker-batch-size", "16"]
+HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def tiny_sweep(tmp_path_factory):
-    """One masker run and one classifier run on its masks, 43 + 10 images of 32 px: the smallest real work."""
+def synth_root(tmp_path_factory):
+    """43 + 10 synthetic images of 32 px: the smallest real work."""
     root = tmp_path_factory.mktemp("synth")
     write_synth(root, scale=0.005, size=32, seed=1, workers=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(synth_root, tmp_path_factory):
+    """A 3-run grid (the masker, then nomask and alpha1_0 on its masks) as 3 shards: shard 1 first, in process, before
+    any masker exists; then shard 0 (the masker's owner); then shards 1 and 2 at once, 1 through --devices. Each shard
+    a `python sweep.py` subprocess; then the report of everything: sweep_report.main([OUT])."""
     out = tmp_path_factory.mktemp("sweep")
-    return root, out, sweep.main(["--data", str(root), "--out", str(out)] + SWEEP)
+    early = sweep.main(["--data", str(synth_root), "--out", str(out), "--shard", "1/3"] + SWEEP2)
+    shard = [sys.executable, str(HERE / "sweep.py"), "--data", str(synth_root), "--out", str(out)] + SWEEP2
+    done = {0: subprocess.run(shard + ["--shard", "0/3"], cwd=HERE, capture_output=True, text=True)}
+    both = {k: subprocess.Popen(shard + ["--shard", f"{k}/3"] + more, cwd=HERE, stdout=subprocess.PIPE, text=True,
+                                stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"})   # 2 runs, 2 cores
+            for k, more in ((1, ["--devices", "cpu", "--jobs-per-device", "2"]), (2, []))}
+    logs = {0: done[0].stdout + done[0].stderr} | {k: p.communicate()[0] for k, p in both.items()}
+    codes = {0: done[0].returncode} | {k: p.returncode for k, p in both.items()}
+    status = sweep_report.main([str(out)])
+    return synth_root, out, early, logs, codes, status, json.loads((out / "results.json").read_text())
+
+
+def test_shards_train_each_run_once_and_wait_for_their_masker(tiny_sweep):
+    _, out, early, logs, codes, _, _ = tiny_sweep
+    masker = out / "masker" / "WBC_100_center_seed0"
+    assert early["report"] is None and early["failures"] == [
+        (str(out / "classifier/WBC_100/nomask/seed0"), f"masker {masker} not finished yet (owned by shard 0/3); rerun later")]
+    assert codes == {0: 0, 1: 0, 2: 0}, logs
+    trained = Counter(line.split(" -> ")[1] for log in logs.values() for line in log.splitlines() if " -> " in line)
+    assert trained == Counter({str(masker): 1, str(out / "classifier/WBC_100/nomask/seed0"): 1,
+                               str(out / "classifier/WBC_100/alpha1_0/seed0"): 1}), logs
+    assert "1 runs (shard 2/3, stage all): 1 to run, the rest finished" in logs[2]
+    assert all("python sweep_report.py" in log and "# Sweep results" not in log for log in logs.values())
 
 
 def test_tiny_sweep_writes_runs_records_and_tables(tiny_sweep):
-    root, out, result = tiny_sweep
-    assert result["failures"] == [] and result["missing"] == []
-    assert len(result["maskers"]) == 1 and len(result["classifiers"]) == 1
-    for r in result["classifiers"]:
-        folder = out / "classifier" / "WBC_100" / r["setting"] / "seed0"
+    root, out, _, _, _, status, saved = tiny_sweep
+    assert status == 0 and saved["missing"] == [] and len(saved["maskers"]) == 1
+    assert sorted(r["folder"] for r in saved["classifiers"]) == sorted(
+        str(out / "classifier/WBC_100" / s / "seed0") for s in ("alpha1_0", "nomask"))   # each run once
+    assert sorted(saved["config"]["runs"]) == sorted(
+        str(f.relative_to(out)) for _, f, _ in sweep.grid_runs(sweep.parse_args(["--out", str(out)] + SWEEP2)))
+    for r in saved["classifiers"]:
+        folder = Path(r["folder"])
         assert {"args.json", "stdout.log", "log.csv", "metrics.json", "checkpoint.pt", "leakage.json", "audit.json"} <= \
             {p.name for p in folder.iterdir()}
         assert r["setting"] == json.loads((folder / "metrics.json").read_text())["setting"]   # the trainer's name too
         assert r["leakage"]["ok"] and r["leakage"]["generated_train_masks"] == r["train_images"]
         assert r["audit"]["accuracy"] == pytest.approx(r["accuracy"])   # the audit sees what training scored
-        assert r["audit"]["blank_masks"].startswith("ground truth") and r["audit"]["version"] == sweep.AUDIT_VERSION
+        assert r["audit"]["blank_masks"].startswith("ground truth") and r["audit"]["version"] == sweep_report.AUDIT_VERSION
+        assert "--device" in (argv := json.loads((folder / "args.json").read_text())["argv"]) and "cpu" in argv
         ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
         assert ckpt["slimmed"] and "optimizer" not in ckpt and {"model", "args", "classes"} <= ckpt.keys()
     text = (out / "results.md").read_text()
     for heading in ("## Masker", "## Classifier", "paired by seed", "--balance twin", "## Shortcut audit", "2/2^n"):
         assert heading in text
-    assert "| WBC_100 | alpha1_0 | " in text and "| WBC_100 | center | " in text
-    saved = json.loads((out / "results.json").read_text())
-    assert len(saved["classifiers"]) == 1 and "preds" not in saved["classifiers"][0]["audit"]
+    assert "| WBC_100 | alpha1_0 | " in text and "| WBC_100 | center | " in text and "| WBC_100 | alpha1_0 - nomask |" in text
+    assert "preds" not in saved["classifiers"][0]["audit"]
 
 
-def test_rerun_skips_finished_runs_and_refuses_changed_ones(tiny_sweep, capsys):
-    root, out, _ = tiny_sweep
+def test_rerun_skips_finished_runs_whatever_their_flags(tiny_sweep, capsys):
+    root, out, *_ = tiny_sweep
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/metrics.json")}
-    result = sweep.main(["--data", str(root), "--out", str(out), "--no-figures"] + SWEEP)
-    assert result["failures"] == [] and "2 runs, 2 finished before (skipped), 0 to run" in capsys.readouterr().out
+    result = sweep.main(["--data", str(root), "--out", str(out), "--shard", "0/1"] + SWEEP2)   # a shard: no report
+    assert result == {"failures": [], "report": None}
+    assert "3 runs (shard 0/1, stage all): 0 to run, the rest finished" in capsys.readouterr().out
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("**/metrics.json")}   # nothing trained again
-    changed = list(SWEEP)
-    changed[changed.index("--epochs") + 1] = "2"
-    with pytest.raises(SystemExit, match="--epochs '1' -> '2'"):
-        sweep.main(["--data", str(root), "--out", str(out), "--no-figures"] + changed)
+    for k in range(3):   # nothing left to list
+        sweep.main(["--data", str(root), "--out", str(out), "--shard", f"{k}/3", "--list"] + SWEEP2)
+        assert capsys.readouterr().out == ""
+    changed = list(SWEEP2)
+    changed[changed.index("--epochs") + 1] = "2"   # a finished run is skipped, not compared
+    assert sweep.main(["--data", str(root), "--out", str(out), "--shard", "0/1"] + changed)["failures"] == []
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("**/metrics.json")}
 
 
-def test_report_only_covers_every_finished_run_once_and_names_the_missing(tiny_sweep, capsys):
-    """A run copied in as nomask/seed0 in the old format (metrics.json with a 'compute' dict, checkpoint args with
-    old keys, no audit.json) is audited, reported and paired with alpha1_0; the runs asked for but absent are named."""
-    _, out, _ = tiny_sweep
-    old = out / "classifier" / "WBC_100" / "nomask" / "seed0"
+def test_report_only_covers_every_finished_run_once_and_names_the_missing(tiny_sweep, capfd):
+    """A run copied in as alpha0_1/seed0 in the old format (metrics.json with a 'compute' dict, checkpoint args with
+    old keys, no audit.json) is audited, reported and paired with alpha1_0; the runs asked for but absent are named.
+    sweep.py --report-only runs `python sweep_report.py OUT --grid ...`."""
+    _, out, *_ = tiny_sweep
+    old = out / "classifier" / "WBC_100" / "alpha0_1" / "seed0"
     shutil.copytree(out / "classifier" / "WBC_100" / "alpha1_0" / "seed0", old)
     (old / "audit.json").unlink()
     metrics = json.loads((old / "metrics.json").read_text()) | {"compute": {"channels_last": True}}
     (old / "metrics.json").write_text(json.dumps(metrics))
     ckpt = torch.load(old / "checkpoint.pt", weights_only=True)
     torch.save(ckpt | {"args": ckpt["args"] | {"pretrain": True, "tf32": False}}, old / "checkpoint.pt")
-    result = sweep.main(["--out", str(out), "--report-only", "--settings", "nomask", "alpha1_0", "--seeds", "0", "1",
-                         "--no-figures"])
-    assert result["failures"] == []
-    assert sorted(result["missing"]) == ["classifier/WBC_100/alpha1_0/seed1", "classifier/WBC_100/nomask/seed1"]
+    result = sweep.main(["--out", str(out), "--report-only", "--settings", "nomask", "alpha0_1", "alpha1_0", "--seeds", "0",
+                         "1", "--no-figures"])
+    assert result == {"failures": [], "report": 0}
+    missing = [f"classifier/WBC_100/{s}/seed1" for s in ("nomask", "alpha0_1", "alpha1_0")]
     saved = json.loads((out / "results.json").read_text())
+    assert saved["missing"] == missing
     folders = [r["folder"] for r in saved["classifiers"]]
-    assert len(folders) == 2 == len(set(folders)) and str(old) in folders
+    assert len(folders) == 3 == len(set(folders)) and str(old) in folders
     assert json.loads((old / "audit.json").read_text())["accuracy"] == pytest.approx(metrics["accuracy"])
-    assert {r["metric"] for r in saved["stats"]["paired"]} == {k for k, _ in sweep.PAIRED_METRICS}
+    assert {r["metric"] for r in saved["stats"]["paired"]} == {k for k, _ in sweep_report.PAIRED_METRICS}
     text = (out / "results.md").read_text()
-    assert "missing from the grid: 2" in text and "classifier/WBC_100/nomask/seed1" in text
-    assert text.count("| WBC_100 | alpha1_0 - nomask | 1 | +0.0 |") == len(sweep.PAIRED_METRICS)   # the same model
-    assert "2 run(s) of the grid missing" in capsys.readouterr().out
+    assert "missing from the grid: 3" in text and missing[1] in text
+    assert text.count("| WBC_100 | alpha1_0 - alpha0_1 | 1 | +0.0 |") == len(sweep_report.PAIRED_METRICS)   # one model
+    assert "3 run(s) of the grid missing" in capfd.readouterr().out
     shutil.rmtree(old)
 
 
 def test_figures_are_pngs(tiny_sweep):
     pytest.importorskip("matplotlib")
-    _, out, result = tiny_sweep
-    names = {p.name for p in result["figures"]}
-    assert {"accuracy_vs_split.png", "confusion_WBC_100_alpha1_0.png", "cam_WBC_100_alpha1_0.png"} <= names
-    for path in list(result["figures"]) + list(out.glob("classifier/*/*/*/curves.png")):
+    saved = tiny_sweep[-1]
+    names = {Path(p).name for p in saved["figures"]}
+    assert {"accuracy_vs_split.png", "confusion_WBC_100_alpha1_0.png", "cam_WBC_100_nomask.png"} <= names
+    assert not any(name.startswith(("misclassified", "curves")) for name in names)
+    for path in saved["figures"]:
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 100
 
 
 def test_figures_skip_cleanly_without_matplotlib(tiny_sweep, monkeypatch, capsys):
-    _, out, result = tiny_sweep
+    out = tiny_sweep[1]
     monkeypatch.setitem(sys.modules, "matplotlib", None)     # import matplotlib now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-    assert sweep.make_figures(out, result["classifiers"], torch.device("cpu")) == []
+    assert sweep_report.make_figures(out, tiny_sweep[-1]["classifiers"], torch.device("cpu")) == []
     assert "matplotlib is not installed" in capsys.readouterr().out
