@@ -5,7 +5,7 @@ DATA ?= data
 SIZE ?= 64
 RUNS ?= runs
 
-.PHONY: install demo synth masker classifier evaluate test tecom300
+.PHONY: install demo synth masker classifier evaluate test tecom300 crossdomain
 
 install:
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
@@ -39,3 +39,22 @@ tecom300: install
 		--epochs 14 --batch-size 16 --lr 1e-3 --out $(RUNS)/tecom_classifier
 	$(PY) evaluate.py $(RUNS)/tecom_classifier/checkpoint.pt --json $(RUNS)/tecom_classifier.json
 	$(PY) evaluate.py $(RUNS)/tecom_masker/checkpoint.pt --json $(RUNS)/tecom_masker.json
+
+# cross-domain: maskers and classifiers trained on synthetic, on tecom300, and on both, each scored on both
+# (96 px; NEWSCOPE is the augmentation for a new microscope: zoom in and out, stain, blur)
+XD ?= $(RUNS)/crossdomain
+NEWSCOPE ?= --zoom 0.3 1.3 --stain 0.5 --blur 1
+XDSIZE ?= 96
+crossdomain: install
+	test -d $(DATA)/WBC_100 || $(PY) synth.py $(DATA) --scale 0.1 --size 128 --seed 0
+	$(PY) train_masker.py --data $(DATA) --split 100 --size $(XDSIZE) --epochs 15 --batch-size 8 --lr 2e-3 --out $(XD)/masker_synth
+	$(PY) train_masker.py --data $(DATA) --split 100 --size $(XDSIZE) --epochs 15 --batch-size 8 --lr 2e-3 $(NEWSCOPE) --out $(XD)/masker_synth_aug
+	$(PY) train_masker.py --data $(TECOM) --split 100 --size $(XDSIZE) --epochs 30 --batch-size 8 --out $(XD)/masker_tecom
+	$(PY) train_masker.py --data $(TECOM) --split 100 --size $(XDSIZE) --epochs 30 --batch-size 8 --pretrain-on $(DATA) \
+		--pretrain-epochs 15 $(NEWSCOPE) --out $(XD)/masker_synth_tecom_aug
+	$(PY) train_classifier.py --data $(DATA) --split 100 --size $(XDSIZE) --epochs 5 --batch-size 16 --lr 1e-3 $(NEWSCOPE) --out $(XD)/classifier_synth_aug
+	$(PY) train_classifier.py --data $(TECOM) --split 100 --size $(XDSIZE) --epochs 14 --batch-size 16 --lr 1e-3 --out $(XD)/classifier_tecom
+	$(PY) train_classifier.py --data $(TECOM) --split 100 --size $(XDSIZE) --epochs 14 --batch-size 16 --lr 1e-3 $(NEWSCOPE) \
+		--init $(XD)/classifier_synth_aug/checkpoint.pt --out $(XD)/classifier_synth_tecom_aug
+	for run in $(XD)/*/; do for target in $(DATA) $(TECOM); do \
+		$(PY) evaluate.py $$run/checkpoint.pt --data $$target --json $$run/on_$$(basename $$target).json | tail -2; done; done

@@ -1,5 +1,4 @@
-"""Data of the WBC system: folder layout, decoding each image once, batches with augmentation, and file
-helpers that never leave a half-written file.
+"""Data of the WBC system: folder layout, decoding each image once, augmented batches, atomic file writes.
 
 Layout: ROOT/WBC_<split>/train/{data,mask}/<Class>/<stem>.<ext>, validation of every split in
 ROOT/WBC_100/val/{data,mask}, CAM16/train/{data,mask}/{normal,tumor}/ (`python synth.py ROOT` writes one).
@@ -30,13 +29,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CACHE_VERSION = 2   # bump when decoding changes, so stale caches are not reused
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")   # 16-bit and 32-bit grey
 
-
 class DataError(Exception):
     """Bad input on disk (or a disk that refuses a write); the message names the path and what is wrong."""
 
-
 # ---------------------------------------------------------------------------- layout
-
 def wbc_dirs(root, split):
     """Folders of one split: train data/mask of WBC_<split>, val data/mask of WBC_100."""
     if not Path(root).is_dir():
@@ -49,14 +45,11 @@ def wbc_dirs(root, split):
                             f"and ROOT/WBC_100/val/data/<Class>/)")
     return dirs
 
-
 def is_image(path):
     return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")   # not .DS_Store's kin
 
-
-def is_ignored(name):
+def is_ignored(name):   # hidden and tool folders are never classes
     return name.startswith(".") or name in IGNORED_DIRS
-
 
 def scan_folder(folder, classes=None):
     """(paths, labels, classes, ignored) of <folder>/<Class>/<image>. classes=None: the sub-folders are
@@ -67,9 +60,9 @@ def scan_folder(folder, classes=None):
         raise DataError(f"{folder}: {'no class sub-folders' if folder.is_dir() else 'folder not found'} "
                         f"(expected {folder}/<Class>/<image>)")
     names = [d.name for d in class_dirs]
-    if classes is not None and set(names) - set(classes):
-        raise DataError(f"{folder}: class folder(s) {sorted(set(names) - set(classes))} unknown to training "
-                        f"(classes {list(classes)})")
+    unknown = sorted(set(names) - set(names if classes is None else classes))
+    if unknown:
+        raise DataError(f"{folder}: class folder(s) {unknown} unknown to training (classes {list(classes)})")
     classes, paths, labels, ignored = list(classes or names), [], [], 0
     for d in class_dirs:
         found = [f for f in sorted(d.iterdir()) if f.is_file() and is_image(f)]
@@ -84,24 +77,30 @@ def scan_folder(folder, classes=None):
         labels += [classes.index(d.name)] * len(found)
     return paths, labels, classes, ignored
 
-
 def list_images(folder):
     """Every image under `folder`, any depth, sorted; hidden and tool folders skipped."""
-    folder = Path(folder)
-    if not folder.is_dir():
+    if not Path(folder).is_dir():
         raise DataError(f"{folder}: folder not found")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p)
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image(p)
                   and not any(is_ignored(part) for part in p.relative_to(folder).parts))
 
+def mask_root(root, data):
+    """(data, mask) folders of a --pretrain-on ROOT: ROOT/train, ROOT/WBC_100/train or ROOT/CAM16/train."""
+    found = [Path(root, sub) for sub in ("train", "WBC_100/train", "CAM16/train") if Path(root, sub, "mask").is_dir()]
+    if not found:
+        raise DataError(f"--pretrain-on {root}: no train/mask, WBC_100/train/mask or CAM16/train/mask under it")
+    owner = found[0].resolve().parent   # the dataset's own WBC_*: more masks would break the split's budget
+    if owner.name.startswith("WBC_") and owner.parent == Path(data).resolve():
+        raise DataError(f"--pretrain-on {root}: {found[0]} holds masks of the dataset being trained; its split's "
+                        f"masks are used anyway, and more would break the split's budget")
+    return found[0] / "data", found[0] / "mask"
 
 # ---------------------------------------------------------------------------- decoding
-
 def wide_to_8bit(a):
-    """16/32-bit grey -> float 0..255, scaled by the smallest bit depth (>= 8) that holds the maximum,
-    so 12-bit camera data fills the 8-bit range and a 0/255 mask stored as 16-bit stays 0/255."""
+    """16/32-bit grey -> 0..255 float, scaled by the smallest bit depth (>= 8) holding the maximum: 12-bit
+    camera data fills the 8-bit range, and a 0/255 mask stored as 16-bit stays 0/255."""
     bits = max(8, int(np.ceil(np.log2(float(max(0.0, np.nanmax(a, initial=0.0))) + 1))))
     return np.clip(a / (2.0 ** bits - 1) * 255, 0, 255)
-
 
 def check_pixels(im):
     """Refuse an image over Image.MAX_IMAGE_PIXELS (Pillow only warns up to 2x, in a decoding thread)."""
@@ -109,10 +108,8 @@ def check_pixels(im):
     if limit and im.width * im.height > limit:
         raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, limit {limit} (Image.MAX_IMAGE_PIXELS)")
 
-
 def decode_image(path, size):
-    """(size, size, 3) uint8, EXIF orientation applied; any mode -> RGB (transparent -> white), and
-    the upright original (w, h)."""
+    """(size, size, 3) uint8 upright (EXIF), any mode -> RGB (transparent -> white); and the original (w, h)."""
     with Image.open(path) as im:
         check_pixels(im)
         w, h = im.size
@@ -127,44 +124,30 @@ def decode_image(path, size):
             im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
         return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=3.0)), (w, h)
 
-
-def mask_to_cell(im):
-    """PIL mask -> bool array, True = cell (the encodings in the module docstring; 16-bit scaled first)."""
-    if im.mode in ("P", "1"):
-        return np.asarray(im) != 0
-    if im.mode in WIDE_MODES:
-        a = np.asarray(im, dtype=np.float64)
-        return a > 0 if a.max() <= 1 else wide_to_8bit(a) >= 64
-    a = np.asarray(im.convert("L"))
-    return a == 1 if a.max() == 1 else a >= 64
-
-
 def decode_mask(path, size):
-    """(size, size) uint8 0/1 cell mask, nearest-neighbour resized, and the original (w, h)."""
+    """(size, size) uint8 0/1 cell mask (the encodings in the module docstring; 16-bit scaled first),
+    nearest-neighbour resized, and the original (w, h)."""
     with Image.open(path) as im:
         check_pixels(im)
-        cell = mask_to_cell(ImageOps.exif_transpose(im))
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("P", "1"):   # a palette index or a bit: anything but 0 is cell
+            cell = np.asarray(im) != 0
+        else:
+            a = np.asarray(im, dtype=np.float64) if im.mode in WIDE_MODES else np.asarray(im.convert("L"))
+            cell = a == 1 if a.max() == 1 else (wide_to_8bit(a) if im.mode in WIDE_MODES else a) >= 64
     small = Image.fromarray(cell.astype(np.uint8)).resize((size, size), Image.NEAREST)
     return np.asarray(small), (cell.shape[1], cell.shape[0])
 
-
 def decode_one(job):
-    kind, path, size = job
     try:
-        return (*(decode_image if kind == "image" else decode_mask)(path, size), None)
+        return (*(decode_image if job[0] == "image" else decode_mask)(*job[1:]), None)
     except Exception as e:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, EOFError... on corrupt files:
         return None, None, f"{type(e).__name__}: {e}"   # this one file is reported by name, not the whole run
 
-
 def fingerprint(paths, extra=""):
-    """Hash of files (absolute path, bytes, mtime) and `extra`: the decode cache's key, and what
-    --resume checks so a run never continues on changed training data."""
-    h = hashlib.sha1(f"{CACHE_VERSION} {extra}".encode())
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"\n{os.path.abspath(p)} {st.st_size} {st.st_mtime_ns}".encode())
-    return h.hexdigest()[:20]
-
+    """Hash of the files' paths, bytes and mtimes: the decode cache's key; --resume refuses changed data."""
+    stats = (f"\n{os.path.abspath(p)} {os.stat(p).st_size} {os.stat(p).st_mtime_ns}" for p in paths)
+    return hashlib.sha1((f"{CACHE_VERSION} {extra}" + "".join(stats)).encode()).hexdigest()[:20]
 
 def decode_all(kind, paths, size, cache_dir=None, log=print):
     """Decode every file once: (N, C, S, S) uint8 (C = 3 images, 1 masks), original (w, h) sizes, and
@@ -193,9 +176,7 @@ def decode_all(kind, paths, size, cache_dir=None, log=print):
             log(f"warning: no decode cache ({e}); going on without it")
     return out, shapes, bad
 
-
 # ---------------------------------------------------------------------------- labelled sets
-
 @dataclass
 class ImageSet:
     """images (N, 3, S, S) uint8; labels (N,) int64; masks (N, 1, S, S) uint8 0/1 or None; has_mask (N,)
@@ -219,35 +200,27 @@ class ImageSet:
                         self.has_mask[idx], [self.paths[i] for i in pick], [self.sizes[i] for i in pick],
                         self.classes, self.fingerprint)
 
-
 def report_bad(bad, paths, what, skip_bad, log):
     """Raise DataError listing every unreadable file, or (skip_bad) log them and go on."""
-    lines = "\n".join(f"  {paths[i]}: {why}" for i, why in sorted(bad.items()))
+    lines = "".join(f"\n  {paths[i]}: {why}" for i, why in sorted(bad.items()))
     if bad and not skip_bad:
-        raise DataError(f"{len(bad)} unreadable {what} file(s) (fix or remove them, or pass --skip-bad):\n{lines}")
+        raise DataError(f"{len(bad)} unreadable {what} file(s) (fix or remove them, or pass --skip-bad):{lines}")
     if bad:
-        log(f"skipped {len(bad)} unreadable {what} file(s):\n{lines}")
-
+        log(f"skipped {len(bad)} unreadable {what} file(s):{lines}")
 
 def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_bad=False, log=print, need_masks=False):
-    """Decode <data_dir>/<Class>/<image>, and of each image the first mask with its <Class>/<stem> (any
-    image extension) in mask_dirs. Unreadable files stop the run, or are skipped with --skip-bad;
-    need_masks: an image without a mask stops it too."""
+    """Decode <data_dir>/<Class>/<image>, each with the first <Class>/<stem>.<any ext> mask in mask_dirs. Unreadable
+    files stop the run, or are skipped with --skip-bad; need_masks: an image without a mask stops it too."""
     paths, labels, classes, ignored = scan_folder(data_dir, classes)
     if ignored:
         log(f"{data_dir}: ignored {ignored} hidden or non-image file(s)")
     images, shapes, bad = decode_all("image", paths, size, cache_dir, log)
     report_bad(bad, paths, "image", skip_bad, log)
-    index = {(classes[y], p.stem): i for i, (p, y) in enumerate(zip(paths, labels))}
-    mask_paths, orphans = [None] * len(paths), []
-    for mask_dir in map(Path, mask_dirs):
-        for f in sorted(mask_dir.glob("*/*")) if mask_dir.is_dir() else []:
-            i = index.get((f.parent.name, f.stem))
-            if is_image(f) and not is_ignored(f.parent.name):
-                if i is None:
-                    orphans.append(f)
-                elif mask_paths[i] is None:
-                    mask_paths[i] = f
+    found = {}   # (class, stem) -> its mask in the first of mask_dirs that has one
+    for f in (f for d in map(Path, mask_dirs) if d.is_dir() for f in sorted(d.glob("*/*")) if is_image(f)):
+        found.setdefault((f.parent.name, f.stem), f)
+    mask_paths = [found.pop((classes[y], p.stem), None) for p, y in zip(paths, labels)]
+    orphans = [f for (cls, _), f in found.items() if not is_ignored(cls)]
     if orphans:
         log(f"{len(orphans)} mask(s) match no image, ignored: {', '.join(map(str, orphans[:5]))}"
             + (" ..." if len(orphans) > 5 else ""))
@@ -266,43 +239,31 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
         raise DataError(f"{data_dir}: none of its {len(bad)} image(s) could be read (see the list above)")
     full = ImageSet(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), masks, has, paths, shapes,
                     classes, fingerprint(paths + [m for m in mask_paths if m is not None], str(size)))
-    full = full if not bad else full.subset(torch.tensor([i not in bad for i in range(len(paths))]))
-    if need_masks and not full.has_mask.all():
-        raise DataError(f"{(~full.has_mask).sum()} of {len(full)} images of {data_dir} have no mask in "
-                        f"{' or '.join(map(str, mask_dirs))} (e.g. {full.paths[(~full.has_mask).nonzero()[0, 0]]}); "
+    full = full.subset(torch.tensor([i not in bad for i in range(len(paths))])) if bad else full
+    missing = (~full.has_mask).nonzero()[:, 0]
+    if need_masks and len(missing):
+        raise DataError(f"{len(missing)} of {len(full)} images of {data_dir} have no mask in "
+                        f"{' or '.join(map(str, mask_dirs))} (e.g. {full.paths[missing[0]]}); "
                         f"draw them with train_masker.py (or point --masks at where it wrote them)")
     return full
 
-
 # ---------------------------------------------------------------------------- batches
-
 def batch_indices(n, batch_size, shuffle, drop_last=False):
-    """Index tensors of one epoch's batches (torch's global RNG shuffles). drop_last drops a ragged
-    last batch when there is more than one batch, since BatchNorm cannot train on a batch of one."""
+    """Index tensors of one epoch's batches (torch's global RNG shuffles); drop_last: no ragged last batch."""
     order = torch.randperm(n) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last and n > batch_size else n
+    stop = n - n % batch_size if drop_last and n > batch_size else n   # unless it is all: BatchNorm needs 2
     return list(order[:stop].split(batch_size))
 
-
-def normalize(x):
-    """[0, 1] RGB (B, 3, S, S) -> ImageNet-normalised, as torchvision's pretrained models expect."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-
-
-def make_batch(images, masks, idx, device, train, mask_channel=False):
-    """Batch `idx` of uint8 images (N, 3, S, S) and masks (N, 1, S, S) or None: x (B, 3 or 4, S, S)
-    normalised, channels-last (the models' format), augmented when `train`, the mask appended as a 4th
-    channel with `mask_channel`; m (B, 1, S, S) float 0/1 or None."""
+def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None):
+    """Batch `idx` of uint8 images (N, 3, S, S), masks (N, 1, S, S) or None -> x (B, 3 or 4, S, S) normalised,
+    channels-last, augment(**aug)ed if `train`, + the mask as 4th channel if `mask_channel`; m (B, 1, S, S) or None."""
     x = images[idx].to(device, non_blocking=True).float().div_(255)
     m = None if masks is None else masks[idx].to(device, non_blocking=True).float()
     if train:
-        x, m = augment(x, m)
-    x = normalize(x)
-    if mask_channel:
-        x = torch.cat([x, m], dim=1)
+        x, m = augment(x, m, **(aug or {}))
+    x = (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = torch.cat([x, m], dim=1) if mask_channel else x
     return x.contiguous(memory_format=torch.channels_last), m
-
 
 @torch.inference_mode()
 def infer(model, images, masks=None, batch_size=64, device="cpu", autocast=None, mask_channel=False):
@@ -315,40 +276,51 @@ def infer(model, images, masks=None, batch_size=64, device="cpu", autocast=None,
             out.append(model(x).float().cpu())
     return torch.cat(out)
 
-
-def augment(x, m=None, crop=(0.75, 1.0), jitter=0.2):
-    """Random zoom to a square of side `crop` of the image at a random position, horizontal and
-    vertical flips, then brightness/contrast/saturation jitter.
-
-    x (B, 3, S, S) float in [0, 1]; m (B, 1, S, S) float or None. Each sample draws its own parameters
-    from torch's CPU RNG (reproducible on any device); the geometry moves the mask too (nearest, so it
-    stays 0/1). One grid_sample for the whole batch: no per-sample Python work.
-    """
+def augment(x, m=None, zoom=(0.75, 1.0), jitter=0.2, stain=0.0, blur=0.0):
+    """x (B, 3, S, S) in [0, 1], m (B, 1, S, S) or None. Per sample: a square of side `zoom` (of the image's;
+    above 1 zooms out, reflecting the borders) at a random place, flips, brightness/contrast/saturation
+    jitter; `stain`: hue turned by up to stain*180 degrees, saturation x(1 +- stain), grey with probability
+    stain/4; `blur`: Gaussian of sigma up to `blur` px. The mask follows the geometry (nearest: stays 0/1).
+    Draws from torch's CPU RNG (the same on any device), and only for the switches that are on."""
     b = x.shape[0]
-    scale = torch.empty(b).uniform_(*crop)
-    shift = (torch.rand(b, 2) * 2 - 1) * (1 - scale)[:, None]     # the crop stays inside the image
-    flip = torch.where(torch.rand(b, 2) < 0.5, -1.0, 1.0)          # (x-flip, y-flip)
+    scale = torch.empty(b).uniform_(*zoom)
+    shift = (torch.rand(b, 2) * 2 - 1) * (1 - scale).clamp_min(0)[:, None]   # a crop stays inside the image
+    flip = torch.where(torch.rand(b, 2) < 0.5, -1.0, 1.0)                    # (x-flip, y-flip)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = scale * flip[:, 0], scale * flip[:, 1], shift
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    if m is not None:
-        m = F.grid_sample(m, grid, mode="nearest", padding_mode="reflection", align_corners=False)
+    m = None if m is None else F.grid_sample(m, grid, mode="nearest", padding_mode="reflection", align_corners=False)
     if jitter:
         factors = (1 + (torch.rand(3, b, 1, 1, 1) * 2 - 1) * jitter).to(x.device)  # brightness, contrast, saturation
         x = x * factors[0]
         mean = x.mean((1, 2, 3), keepdim=True)
         x = (x - mean) * factors[1] + mean
-        grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-        x = ((x - grey) * factors[2] + grey).clamp_(0, 1)
+        grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]   # luma (B, 1, S, S)
+        x = ((x - grey) * factors[2] + grey).clamp(0, 1)
+    if stain:   # turn the chroma plane of YIQ (hue), scale it (saturation), or drop it (grey)
+        angle, sat = (torch.rand(b) * 2 - 1) * stain * torch.pi, 1 + (torch.rand(b) * 2 - 1) * stain
+        sat = torch.where(torch.rand(b) < stain / 4, 0.0, sat)
+        yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+        turn = torch.zeros(b, 3, 3)
+        turn[:, 0, 0], turn[:, 1, 1], turn[:, 2, 2] = 1, sat * angle.cos(), sat * angle.cos()
+        turn[:, 1, 2], turn[:, 2, 1] = -sat * angle.sin(), sat * angle.sin()
+        mix = torch.linalg.inv(yiq) @ turn.to(x.device) @ yiq                    # (B, 3, 3) RGB -> RGB
+        x = torch.einsum("bij,bjhw->bihw", mix, x).clamp(0, 1)
+    if blur:   # one depthwise convolution along x, then one along y; each sample with its own sigma
+        radius = max(1, round(2 * blur))
+        sigma = (torch.rand(b) * blur).clamp_min(1e-3)
+        kernel = torch.exp(-torch.arange(-radius, radius + 1.0)[None] ** 2 / (2 * sigma[:, None] ** 2))
+        kernel = (kernel / kernel.sum(1, keepdim=True)).to(x.device).repeat_interleave(3, 0)   # (B*3, K)
+        x = F.pad(x.reshape(1, b * 3, *x.shape[-2:]), (radius,) * 4, mode="reflect")
+        x = F.conv2d(F.conv2d(x, kernel[:, None, None, :], groups=b * 3), kernel[:, None, :, None], groups=b * 3)
+        x = x.reshape(b, 3, *x.shape[-2:])
     return x, m
 
-
 # ---------------------------------------------------------------------------- files
-
 def atomic_write(path, write):
     """write(file) into a temp file beside `path`, then rename it over `path`: a kill or a full disk
-    leaves the previous file whole (and the temp file is removed, or cleaned by the next run)."""
+    leaves the previous file whole (the temp file is removed, or by the next claim_folder)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -356,21 +328,17 @@ def atomic_write(path, write):
         with open(tmp, "wb") as f:   # open(), unlike mkstemp, gives the umask's usual mode
             write(f)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"{path}: could not write it ({e.strerror or e}); the previous file, if any, is intact") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):   # a full disk, a read-only folder: one line, not a traceback
+            raise DataError(f"{path}: could not write it ({e.strerror or e}); the previous file is intact") from None
         raise
-
 
 def save_checkpoint(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
-
 def save_json(obj, path):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
 
 def save_csv(rows, path):
     """Same-keyed dicts -> CSV with a header row."""
@@ -380,12 +348,10 @@ def save_csv(rows, path):
     writer.writerows(rows)
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
-
 def save_mask_png(mask, path):
     """(H, W) bool or 0/1 mask -> 0/255 PNG."""
-    array = (np.asarray(mask) > 0).astype(np.uint8) * 255
-    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
-
+    image = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 def load_checkpoint(path, required=("model", "args")):
     """torch.load(weights_only=True): no code in a checkpoint ever runs. Errors name the file."""
@@ -394,24 +360,17 @@ def load_checkpoint(path, required=("model", "args")):
         raise SystemExit(f"{path}: checkpoint {'is empty (0 bytes)' if path.is_file() else 'not found'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # refused pickle code, zip and EOF errors: name and reason, not torch's advice
-        raise SystemExit(f"{path}: not a loadable checkpoint ({load_error(e)})") from None
+    except Exception as e:  # refused pickle code, zip and EOF errors: the first sentence, never torch's advice
+        refused = re.search(r"GLOBAL (\S+)", str(e))   # to retry with weights_only=False (it would run the code)
+        why = str(e).strip().split(". ")[0][:200] + (f"; refused {refused[1]}" if refused else "")
+        raise SystemExit(f"{path}: not a loadable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
         raise SystemExit(f"{path}: not a checkpoint of this repo (expected a dict with keys {list(required)})")
     if not (isinstance(ckpt["model"], dict) and all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())):
         raise SystemExit(f"{path}: its 'model' entry is not a state dict (name -> tensor)")
     return ckpt
 
-
-def load_error(e):
-    """torch.load's exception in one line: its first sentence (never the advice to retry with
-    weights_only=False, which would run the file's code) and the code it refused."""
-    refused = re.search(r"GLOBAL (\S+)", str(e))
-    return f"{type(e).__name__}: {str(e).strip().split('. ')[0][:200]}" + (f"; refused {refused[1]}" if refused else "")
-
-
 HELD = {}   # folder -> this process's lock file on it (a later run in the same process, a test, takes it over)
-
 
 def claim_folder(out):
     """Make `out` and lock it for this process: a second live run on it is refused, and the OS drops the
@@ -419,16 +378,13 @@ def claim_folder(out):
     out = Path(out)
     if out.resolve() in HELD:
         HELD.pop(out.resolve()).close()
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: --out is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "w")
+        HELD[out.resolve()] = lock = open(out / ".lock", "w")
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise DataError(f"{out}: another run is writing into this folder; wait for it or use another --out") from None
     except OSError as e:
         raise DataError(f"{out}: cannot write there ({e.strerror or e})") from None
-    HELD[out.resolve()] = lock
     for stale in out.glob(".*.tmp"):
         stale.unlink(missing_ok=True)

@@ -1,13 +1,10 @@
-"""Score a classifier or a masker.
+"""Score a classifier (the report's per-class error table with weighted mean and std, accuracy, balanced accuracy,
+macro F1, the majority baseline, the confusion matrix) or a masker (pixel error, IoU, Dice of the cell class).
 
     python evaluate.py runs/classifier_WBC_10_alpha-1_1/checkpoint.pt             # on DATA/WBC_100/val
     python evaluate.py CKPT --data some/other/<Class>/<image>/folder --json r.json # any class folder
     python evaluate.py runs/masker_WBC_10/checkpoint.pt                            # on WBC_100/val/mask
     python evaluate.py --pred-masks runs/masker_WBC_10/masks/val --true-masks data/WBC_100/val/mask
-
-Classifier: the report's per-class error table (error per class, weighted mean, std), accuracy,
-balanced accuracy, macro F1, the majority baseline and the confusion matrix.
-Masker: pixel error, IoU and Dice of the cell class. --json writes the same numbers.
 """
 import argparse
 import sys
@@ -20,20 +17,17 @@ from losses import classification_metrics, confusion_matrix, mask_counts, mask_m
 from resnet_cls import ResNetClassifier
 from unet import UNet
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="a checkpoint.pt of train_classifier.py or train_masker.py")
-    p.add_argument("--data", default=None,
-                   help="dataset root (scores WBC_100/val) or a <Class>/<image> folder (default: the run's --data)")
-    p.add_argument("--mask-dir", help="masks <Class>/<stem>.png of the scored images, for a --mask-mode channel "
-                                      "classifier (default: the run's --masks/val)")
-    p.add_argument("--pred-masks", default=None, help="folder of predicted masks <Class>/<stem>.png")
-    p.add_argument("--true-masks", default=None, help="folder of ground-truth masks <Class>/<stem>.<ext>")
+    p.add_argument("--data", help="dataset root (scores WBC_100/val) or a <Class>/<image> folder (default: the run's)")
+    p.add_argument("--mask-dir", help="masks <Class>/<stem>.png for --mask-mode channel (default: the run's MASKS/val)")
+    p.add_argument("--pred-masks", help="folder of predicted masks <Class>/<stem>.png")
+    p.add_argument("--true-masks", help="folder of ground-truth masks <Class>/<stem>.<ext>")
     p.add_argument("--size", type=int, help="working size (default: the checkpoint's; 224 for --pred-masks)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
     if bool(args.pred_masks) != bool(args.true_masks):
         p.error("--pred-masks and --true-masks go together")
@@ -48,148 +42,99 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")
     return args
 
-
-def class_folder(data):
-    """A dataset root means its WBC_100/val/data; anything else is a <Class>/<image> folder."""
-    data = Path(data)
-    return data / "WBC_100" / "val" / "data" if (data / "WBC_100" / "val" / "data").is_dir() else data
-
-
-def mask_folder(data_folder):
-    """The ground-truth mask folder beside a data folder (.../val/data -> .../val/mask)."""
-    return Path(data_folder).parent / "mask"
-
-
-def load_weights(model, ckpt, path, what):
-    """ckpt["model"] into `model`, or SystemExit naming the file and the first mismatch."""
+def prepare(model, ckpt, args, what):
+    """`model` with the checkpoint's weights on --device, the size, the scored folder (a dataset root means its
+    WBC_100/val/data, else a <Class>/<image> folder), the run's precision; or SystemExit saying what is wrong."""
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise SystemExit(f"{path}: weights don't fit {what} ({lines[min(1, len(lines) - 1)][:300]})") from None
-
-
-def run_setting(ckpt, key, path):
-    """A setting of the run that wrote the checkpoint, or SystemExit naming what is missing."""
-    if key not in ckpt["args"]:
-        raise SystemExit(f"{path}: the checkpoint's args lack {key!r} (not written by this repo's scripts?)")
-    return ckpt["args"][key]
-
-
-def evaluate_classifier(ckpt, args, device):
+        why = [line.strip() for line in str(e).splitlines() if line.strip()]   # torch's second line names a key
+        raise SystemExit(f"{args.checkpoint}: weights don't fit {what} ({why[min(1, len(why) - 1)][:300]})") from None
     run = ckpt["args"]
-    classes = ckpt.get("classes")
+    for key in ("size", "data"):
+        if not getattr(args, key) and key not in run:
+            raise SystemExit(f"{args.checkpoint}: the checkpoint's args lack {key!r} (not written by this repo?)")
+    data = Path(args.data or run["data"])
+    folder = data / "WBC_100" / "val" / "data" if (data / "WBC_100" / "val" / "data").is_dir() else data
+    autocast = torch.autocast(torch.device(args.device).type, torch.float16 if run.get("amp") == "fp16" else
+                              torch.bfloat16, enabled=run.get("amp") in ("bf16", "fp16"))   # as the run trained
+    return model.to(args.device, memory_format=torch.channels_last), args.size or run["size"], folder, autocast
+
+def evaluate_classifier(ckpt, args):
+    run, classes, channel = ckpt["args"], ckpt.get("classes"), ckpt["args"].get("mask_mode") == "channel"
     if not classes:
         raise SystemExit(f"{args.checkpoint}: a classifier checkpoint without its list of classes")
-    channel = run.get("mask_mode") == "channel"
-    model = ResNetClassifier(len(classes), 4 if channel else 3)
-    load_weights(model, ckpt, args.checkpoint, f"a {len(classes)}-class, {4 if channel else 3}-channel ResNet34")
-    size = args.size or run_setting(ckpt, "size", args.checkpoint)
-    folder = class_folder(args.data or run_setting(ckpt, "data", args.checkpoint))
+    model, size, folder, autocast = prepare(ResNetClassifier(len(classes), 4 if channel else 3), ckpt, args,
+                                            f"a {len(classes)}-class, {4 if channel else 3}-channel ResNet34")
     masks = Path(args.mask_dir) if args.mask_dir else Path(run.get("masks", "masks")) / "val"
     data = load_set(folder, size, classes=classes, mask_dirs=[masks] if channel else [])
     if channel and not data.has_mask.all():
         raise DataError(f"{masks}: a mask-channel classifier needs a mask for every image of {folder}")
-    logits = infer(model.to(device, memory_format=torch.channels_last), data.images, data.masks,
-                   args.batch_size, device, autocast(device, run), mask_channel=channel)
-    metrics = classification_metrics(confusion_matrix(data.labels, logits.argmax(1), len(classes)), classes)
-    metrics["data"] = str(folder)
-    print_classifier_report(metrics, classes, f"{args.checkpoint} on {folder} ({len(data)} images)")
-    return metrics
-
-
-def print_classifier_report(m, classes, title):
-    """The report's per-class error table, then the summary metrics and the confusion matrix."""
-    print(title)
-    print(f"{'class':<12} {'n':>6} {'error':>8}")
-    for c in classes:
-        e = m["per_class_error"][c]
+    logits = infer(model, data.images, data.masks, args.batch_size, args.device, autocast, mask_channel=channel)
+    m = classification_metrics(confusion_matrix(data.labels, logits.argmax(1), len(classes)), classes)
+    print(f"{args.checkpoint} on {folder} ({len(data)} images)\n{'class':<12} {'n':>6} {'error':>8}")
+    for c, e in m["per_class_error"].items():   # the report's table, then the summary and the confusion matrix
         print(f"{c:<12} {m['support'][c]:>6} {'-' if e is None else f'{100 * e:.2f}%':>8}")
     print(f"{'weighted mean':<19} {100 * m['weighted_mean_error']:>7.2f}%")
     print(f"{'std':<19} {100 * m['per_class_error_std']:>7.2f}%")
     print(f"accuracy {100 * m['accuracy']:.2f}% | balanced accuracy {100 * m['balanced_accuracy']:.2f}% | "
           f"macro F1 {m['macro_f1']:.3f} | majority baseline {100 * m['majority_baseline']:.2f}%")
     print("confusion (rows true, columns predicted):")
-    width = max(len(c) for c in classes)
-    print(" " * (width + 1) + " ".join(f"{c[:5]:>5}" for c in classes))
-    for c, row in zip(classes, m["confusion"]):
-        print(f"{c:>{width}} " + " ".join(f"{v:>5}" for v in row))
+    for c, row in [("", [c[:5] for c in classes]), *zip(classes, m["confusion"])]:   # a header row, then a class a row
+        print(f"{c:>{max(map(len, classes))}} " + " ".join(f"{v:>5}" for v in row))
+    return m | {"data": str(folder)}
 
-
-def evaluate_masker(ckpt, args, device):
-    run = ckpt["args"]
-    model = UNet()
-    load_weights(model, ckpt, args.checkpoint, "the UNet")
-    size = args.size or run_setting(ckpt, "size", args.checkpoint)
+def evaluate_masker(ckpt, args):
+    model, size, folder, autocast = prepare(UNet(), ckpt, args, "the UNet")
     if size % 32:
         raise SystemExit(f"--size {size}: the UNet needs a multiple of 32")
-    folder = class_folder(args.data or run_setting(ckpt, "data", args.checkpoint))
-    data = load_set(folder, size, mask_dirs=[mask_folder(folder)])
+    data = load_set(folder, size, mask_dirs=[folder.parent / "mask"])   # .../val/data -> .../val/mask
     data = data.subset(data.has_mask)
     if len(data) == 0:
-        raise DataError(f"{mask_folder(folder)}: no ground-truth masks to score the masker against")
-    logits = infer(model.to(device, memory_format=torch.channels_last), data.images, None, args.batch_size, device,
-                   autocast(device, run))
-    threshold = torch.logit(torch.tensor(run.get("threshold", 0.5))).item()
-    metrics = mask_metrics(mask_counts(logits > threshold, data.masks > 0))
-    metrics.update(data=str(folder), n=len(data))
-    print_masker_report(metrics, f"{args.checkpoint} on {len(data)} masks of {folder}")
-    return metrics
-
+        raise DataError(f"{folder.parent / 'mask'}: no ground-truth masks to score the masker against")
+    logits = infer(model, data.images, None, args.batch_size, args.device, autocast)
+    threshold = torch.logit(torch.tensor(ckpt["args"].get("threshold", 0.5))).item()
+    return mask_report(logits > threshold, data.masks > 0, f"{args.checkpoint} on {len(data)} masks of {folder}",
+                       data=str(folder), n=len(data))
 
 def compare_mask_folders(pred_dir, true_dir, size):
-    """Pixel error, IoU, Dice of every true mask against the predicted mask of the same <Class>/<stem>."""
-    true = scan_folder(true_dir)
+    """Every true mask against the predicted mask of the same <Class>/<stem>, both decoded at `size`."""
+    paths, labels, classes, _ = scan_folder(true_dir)
     preds = {(p.parent.name, p.stem): p for p in Path(pred_dir).glob("*/*.png")}
-    pairs = [(preds.get((true.classes[y], p.stem)), p) for p, y in zip(true.paths, true.labels)]
-    missing = [str(t) for p, t in pairs if p is None]
+    missing = [str(p) for p, y in zip(paths, labels) if (classes[y], p.stem) not in preds]
     if missing:
         raise DataError(f"{pred_dir}: no predicted mask for {len(missing)} true mask(s), e.g. {missing[0]}")
-    pred_arr, _, bad_p = decode_all("mask", [p for p, _ in pairs], size)
-    true_arr, _, bad_t = decode_all("mask", [t for _, t in pairs], size)
-    if bad_p or bad_t:
-        raise DataError(f"unreadable masks: {[str(pairs[i][0]) for i in bad_p] + [str(pairs[i][1]) for i in bad_t]}")
-    metrics = mask_metrics(mask_counts(torch.from_numpy(pred_arr) > 0, torch.from_numpy(true_arr) > 0))
-    metrics["n"] = len(pairs)
-    print_masker_report(metrics, f"{pred_dir} against {true_dir} ({len(pairs)} masks at {size} px)")
-    return metrics
+    files = [preds[classes[y], p.stem] for p, y in zip(paths, labels)] + paths   # predicted, then true
+    masks, _, bad = decode_all("mask", files, size)
+    if bad:
+        raise DataError(f"unreadable masks: {[str(files[i]) for i in bad]}")
+    pred, true = torch.from_numpy(masks > 0).split(len(paths))
+    return mask_report(pred, true, f"{pred_dir} against {true_dir} ({len(paths)} masks at {size} px)", n=len(paths))
 
-
-def print_masker_report(m, title):
-    print(title)
-    print(f"pixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | Dice {m['dice']:.3f}")
-
-
-def autocast(device, run):
-    """The precision the run trained in (its --amp, resolved), so evaluate.py scores what training scored."""
-    amp = run.get("amp")
-    return torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp in ("bf16", "fp16"))
-
+def mask_report(pred, true, title, **extra):
+    """Pixel error, IoU and Dice of bool masks `pred` against `true` (one shape), + `extra`; printed under `title`."""
+    m = mask_metrics(mask_counts(pred, true)) | extra
+    print(f"{title}\npixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | Dice {m['dice']:.3f}")
+    return m
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
     if args.pred_masks:
         metrics = compare_mask_folders(args.pred_masks, args.true_masks, args.size or 224)
     else:
         ckpt = load_checkpoint(args.checkpoint)
-        kind = ckpt.get("kind")
         if ckpt.get("finished") is False:   # a kill or a NaN stopped it: say so, still score it
             print(f"note: {args.checkpoint} is from an unfinished run (stopped after epoch {ckpt.get('epoch')})")
-        if kind == "classifier":
-            metrics = evaluate_classifier(ckpt, args, device)
-        elif kind == "masker":
-            metrics = evaluate_masker(ckpt, args, device)
-        else:
-            raise SystemExit(f"{args.checkpoint}: unknown checkpoint kind {kind!r} (expected classifier or masker)")
+        if ckpt.get("kind") not in ("classifier", "masker"):
+            raise SystemExit(f"{args.checkpoint}: checkpoint kind {ckpt.get('kind')!r} is not classifier or masker")
+        metrics = (evaluate_classifier if ckpt["kind"] == "classifier" else evaluate_masker)(ckpt, args)
     if args.json:
         save_json(metrics, args.json)
         print(f"wrote {args.json}")
     return metrics
 
-
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
+    except DataError as e:   # bad input on disk: one line naming the file, no traceback
         sys.exit(f"error: {e}")

@@ -123,7 +123,8 @@ def main(argv=None):
             cell = full > ckpt["args"].get("threshold", 0.5)
             save_png(cell.astype(np.uint8) * 255, out / "masks" / Path(name).with_suffix(".png"))
             with Image.open(path) as im:
-                save_png(overlay(np.asarray(im.convert("RGB")), cell), out / "overlays" / Path(name).with_suffix(".png"))
+                drawn = overlay(np.asarray(im.convert("RGB")), cell)
+            save_png(drawn, out / "overlays" / Path(name).with_suffix(".png"))
         truth = folder.parent / "mask"
         if truth.is_dir():   # a labelled split (.../val/data beside .../val/mask): score the masks
             pairs = [(i, truth / Path(n).with_suffix(".png")) for i, n in enumerate(names)
@@ -163,10 +164,12 @@ def main(argv=None):
     # 3. report
     for kind, m in scores.items():
         print(f"{kind}: " + (f"accuracy {100 * m['accuracy']:.2f}% | balanced {100 * m['balanced_accuracy']:.2f}%"
-                             if kind == "classifier" else f"Dice {m['dice']:.3f} | IoU {m['iou']:.3f} on {m['n']} masks"))
+                             if kind == "classifier" else f"Dice {m['dice']:.3f} | IoU {m['iou']:.3f} on {m['n']} "
+                                                           "masks"))
     if scores:
         save_json(scores, out / "scores.json")
-    wrote = ["predictions.csv"] * bool(rows) + ["masks/", "overlays/"] * ("masker" in models) + ["scores.json"] * bool(scores)
+    wrote = ["predictions.csv"] * bool(rows) + ["masks/", "overlays/"] * ("masker" in models)
+    wrote += ["scores.json"] * bool(scores)
     print(f"wrote {', '.join(wrote)} under {out} in {time.perf_counter() - start:.1f}s")
     return scores
 

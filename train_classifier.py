@@ -14,42 +14,42 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from data import (SPLITS, DataError, claim_folder, infer, load_checkpoint, load_set, make_batch, batch_indices,
+from data import (SPLITS, DataError, batch_indices, claim_folder, infer, load_checkpoint, load_set, make_batch,
                   save_checkpoint, save_csv, save_json, wbc_dirs)
 from losses import check_alpha, class_weights, classification_metrics, confusion_matrix, mask_weighted_ce, weighted_ce
 from resnet_cls import build_classifier, load_backbone, resnet34_state_dict
 
-# the flags that shape the trained weights: --resume refuses a checkpoint written with others
 SAME_FOR_RESUME = ("data", "split", "masks", "size", "alpha", "mask_mode", "balance", "pretrained", "weights", "init",
-                   "epochs", "batch_size", "lr", "seed", "clip_grad", "dry_run")
-
+                   "epochs", "batch_size", "lr", "zoom", "stain", "blur", "seed", "clip_grad", "dry_run")   # or refused
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="data", help="dataset root (ROOT/WBC_<split>/train, ROOT/WBC_100/val)")
     g.add_argument("--split", type=int, default=10, choices=SPLITS, help="train on WBC_<split>/train")
-    g.add_argument("--masks", help="generated masks MASKS/{train,val}/<Class>/<stem>.png (default runs/masker_WBC_<split>/masks)")
+    g.add_argument("--masks", help="masks MASKS/{train,val}/<Class>/<stem>.png (default runs/masker_WBC_<split>/masks)")
     g.add_argument("--size", type=int, default=224, help="working size in px (>= 32)")
     g.add_argument("--cache", default=".cache/decoded", help="decoded-image cache folder ('none' = off)")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
     g = p.add_argument_group("mask guidance and model")
     g.add_argument("--alpha", type=float, nargs=2, metavar=("A1", "A2"), help="weight the loss by (A1*mask + A2): 0 1 "
                    "everywhere, 1 0 the cell, -1 1 its surroundings; omit for plain cross-entropy")
-    g.add_argument("--mask-mode", default="loss", choices=("loss", "channel"), help="channel: mask as 4th input channel")
+    g.add_argument("--mask-mode", default="loss", choices=("loss", "channel"), help="channel: mask as 4th input")
     g.add_argument("--balance", action="store_true", help="class weights 1/count, rescaled to mean 1")
     g.add_argument("--pretrained", action="store_true", help="ImageNet init (torchvision download)")
     g.add_argument("--weights", help="local torchvision resnet34 state dict to start from")
     g.add_argument("--init", help="start from a checkpoint of ours (classifier or masker encoder), fc dropped")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=14, help="epochs for WBC_100; smaller splits get more (same epochs x images)")
+    g.add_argument("--epochs", type=int, default=14, help="epochs on WBC_100 (smaller splits: same epochs x images)")
     g.add_argument("--batch-size", type=int, default=32, help="images per step (>= 2: BatchNorm)")
-    g.add_argument("--lr", type=float, default=3e-3, help="Adam lr, halved at each 7th of the run (7 segments, 6 halvings)")
+    g.add_argument("--lr", type=float, default=3e-3, help="Adam lr, halved at each 7th of the run (6 halvings)")
     g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="autocast; auto: bf16 on CUDA "
-                   "(fp16 + grad scaler without bf16) and on CPUs with bf16 instructions, else off")
+    g.add_argument("--zoom", type=float, nargs=2, default=[0.75, 1.0], help="crop side range (above 1 zooms out)")
+    g.add_argument("--stain", type=float, default=0.0, help="hue/saturation/grey augmentation strength in [0, 1]")
+    g.add_argument("--blur", type=float, default=0.0, help="largest Gaussian blur sigma in px (0 = off)")
+    g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="autocast; auto: bf16 on "
+                   "CUDA (fp16 + grad scaler without bf16) and on CPUs with bf16 instructions, else off")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
     g.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation and init (>= 0)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
@@ -60,9 +60,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.alpha is not None and check_alpha(*args.alpha):
         p.error(f"--alpha: {check_alpha(*args.alpha)}")
-    if not (0 < args.lr < math.inf and 0 <= args.clip_grad < math.inf) or min(args.epochs, args.seed + 1,
-                                                                                  args.save_every + 1) < 1:
-        p.error("--lr must be positive and finite, --clip-grad finite, --epochs >= 1, --seed and --save-every >= 0")
+    augment_ok = 0 <= args.stain <= 1 and 0 <= args.blur < math.inf and 0 < args.zoom[0] <= args.zoom[1] < math.inf
+    if not (0 < args.lr < math.inf and 0 <= args.clip_grad < math.inf and augment_ok) or min(
+            args.epochs, args.seed + 1, args.save_every + 1) < 1:
+        p.error("--lr must be positive and finite, --clip-grad finite, --epochs >= 1, --seed and --save-every >= 0, "
+                "--stain in [0, 1], --blur >= 0, 0 < --zoom LO <= HI")
     if args.batch_size < 2 or args.size < 32:
         p.error("--batch-size must be at least 2 (BatchNorm) and --size at least 32")
     if sum(bool(x) for x in (args.pretrained, args.weights, args.init)) > 1:
@@ -75,7 +77,6 @@ def parse_args(argv=None):
     args.out = Path(args.out or runs / f"classifier_WBC_{args.split}_{setting_name(args)}")
     return args
 
-
 def setting_name(args):
     """Folder-friendly name of the mask setting: nomask, alpha-1_1, channel_alpha1_0, ..., + _balance."""
     name = "channel" if args.mask_mode == "channel" else "nomask"
@@ -83,53 +84,41 @@ def setting_name(args):
         name = ("channel_" if args.mask_mode == "channel" else "") + f"alpha{args.alpha[0]:g}_{args.alpha[1]:g}"
     return name + ("_balance" if args.balance else "")
 
-
-def load_data(args):
-    """WBC_<split>/train with its masks (ground truth first, then generated) and WBC_100/val."""
-    channel, cache, dirs = args.mask_mode == "channel", None if args.cache == "none" else args.cache, wbc_dirs(args.data, args.split)
-    need = args.alpha is not None or channel   # then every image needs a mask
-    train = load_set(dirs["train_data"], args.size, None, [dirs["train_mask"], args.masks / "train"] if need else [],
-                     cache, args.skip_bad, need_masks=need)
-    return train, load_set(dirs["val_data"], args.size, train.classes, [args.masks / "val"] if channel else [],
-                           cache, args.skip_bad, need_masks=channel)
-
-
-def train_one_epoch(forward_map, model, data, optimizer, scaler, autocast, alpha, class_w, channel, batch_size,
-                    device, clip_grad, max_batches=None):
-    """One pass over `data`. Returns mean loss, accuracy, img/s, the share of samples whose mask weights
-    summed to 0 (they teach nothing), and the 1-based step of the first non-finite loss (0 if none)."""
+def train_one_epoch(forward_map, model, data, optimizer, scaler, autocast, class_w, channel, args):
+    """One pass over `data` (one batch with --dry-run). Returns mean loss, accuracy, img/s, the share of samples
+    whose mask weights summed to 0 (they teach nothing), and the 1-based step of the first non-finite loss (0: none)."""
     model.train()
-    total_loss, correct, empty, bad_step = (torch.zeros((), device=device) for _ in range(4))
-    batches = batch_indices(len(data), batch_size, shuffle=True, drop_last=True)[:max_batches]
+    loss_sum, correct, empty, bad_step = (torch.zeros((), device=args.device) for _ in range(4))
+    batches = batch_indices(len(data), args.batch_size, shuffle=True, drop_last=True)[:1 if args.dry_run else None]
     start = time.perf_counter()
     for step, idx in enumerate(batches, 1):
-        x, m = make_batch(data.images, data.masks, idx, device, train=True, mask_channel=channel)
-        y = data.labels[idx].to(device, non_blocking=True)
+        x, m = make_batch(data.images, data.masks, idx, args.device, train=True, mask_channel=channel,
+                          aug=dict(zoom=args.zoom, stain=args.stain, blur=args.blur))
+        y = data.labels[idx].to(args.device, non_blocking=True)
         with autocast:
             logit_map = forward_map(x).float()                            # (B, C, h, w)
-        loss, n_empty = mask_weighted_ce(logit_map, y, m, alpha, class_w) if alpha else \
+        loss, n_empty = mask_weighted_ce(logit_map, y, m, args.alpha, class_w) if args.alpha else \
             (weighted_ce(logit_map.mean((2, 3)), y, class_w), 0)         # pooled (B, C) logits: what inference sees
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()          # the scaler is a no-op unless --amp fp16
-        if clip_grad:
+        if args.clip_grad:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         scaler.step(optimizer)
         scaler.update()
-        total_loss, empty = total_loss + loss.detach() * len(idx), empty + n_empty
+        loss_sum, empty = loss_sum + loss.detach() * len(idx), empty + n_empty
         correct += (logit_map.detach().mean((2, 3)).argmax(1) == y).sum()
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)  # no host sync
     seen = sum(len(idx) for idx in batches)
-    return (total_loss.item() / seen, correct.item() / seen, seen / (time.perf_counter() - start), empty.item() / seen,
+    return (loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - start), empty.item() / seen,
             int(bad_step))
-
 
 def main(argv=None):
     args = parse_args(argv)
     device, channel, ckpt_path = torch.device(args.device), args.mask_mode == "channel", args.out / "checkpoint.pt"
-    cuda = device.type == "cuda"
-    args.amp = amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else \
-        "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"   # emulated bf16 would be slower than fp32
+    cuda, cache = device.type == "cuda", None if args.cache == "none" else args.cache
+    bf16 = torch.cuda.is_bf16_supported() if cuda else torch.cpu._is_avx512_bf16_supported()   # emulated bf16: slow
+    args.amp = amp = ("bf16" if bf16 else "fp16" if cuda else "off") if args.amp == "auto" else args.amp
     autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")   # fp16 gradients underflow without it
     torch.backends.cudnn.benchmark = True   # fixed-size batches: cuDNN times its kernels once, keeps the fastest
@@ -138,27 +127,29 @@ def main(argv=None):
     print(f"device {device} | amp {amp} | size {args.size} | alpha {args.alpha} | mask mode {args.mask_mode} | "
           f"balance {args.balance} | out {args.out}")
     claim_folder(args.out)   # refuses a second live run on the same folder
-    # checkpoints and weight files first: a bad one fails before any image is decoded
     resume = load_checkpoint(ckpt_path, ("model", "args", "optimizer", "rng", "fingerprint")) if args.resume else None
     plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
-    differ = [f"--{k.replace('_', '-')} ({resume['args'].get(k)!r} then, {plain_args[k]!r} now)" for k in SAME_FOR_RESUME
-              if resume and resume["args"].get(k) != plain_args[k]]
+    differ = [f"--{k.replace('_', '-')} ({resume['args'].get(k)!r} then, {plain_args[k]!r} now)" for k in
+              SAME_FOR_RESUME if resume and resume["args"].get(k) != plain_args[k]]
     if differ or (resume and resume["finished"]):
         sys.exit(f"--resume: {ckpt_path} " + (f"was written with other {', '.join(differ)}; rerun with the same flags"
                                               if differ else "is of a finished run") + " or use another --out")
-    init = load_checkpoint(args.init)["model"] if args.init and not resume else None
-    weights = resnet34_state_dict(args.pretrained, args.weights) if not resume else None
+    init = load_checkpoint(args.init)["model"] if args.init and not resume else None   # files before any decoding:
+    weights = resnet34_state_dict(args.pretrained, args.weights) if not resume else None   # a bad one fails fast
 
-    # 1. data
-    train, val = load_data(args)
+    # 1. data: WBC_<split>/train with its masks (ground truth first, then generated), and WBC_100/val
+    dirs, need = wbc_dirs(args.data, args.split), args.alpha is not None or channel   # need: a mask for every image
+    train = load_set(dirs["train_data"], args.size, None, [dirs["train_mask"], args.masks / "train"] if need else [],
+                     cache, args.skip_bad, need_masks=need)
+    val = load_set(dirs["val_data"], args.size, train.classes, [args.masks / "val"] if channel else [], cache,
+                   args.skip_bad, need_masks=channel)
     n_full = sum(1 for _ in Path(args.data, "WBC_100", "train", "data").glob("*/*")) or len(train)
     epochs = 1 if args.dry_run else max(1, round(args.epochs * n_full / len(train)))   # same epochs x images
     counts = torch.bincount(train.labels, minlength=len(train.classes)).tolist()
     class_w = class_weights(counts).to(device) if args.balance else None
     print(f"train {len(train)} images {dict(zip(train.classes, counts))} | val {len(val)} | {epochs} epochs")
     if resume and (resume["fingerprint"] != train.fingerprint or resume.get("classes") != train.classes):
-        sys.exit(f"--resume: {ckpt_path} was trained on other files (the training images or masks changed, "
-                 f"were added or removed since); start afresh or use another --out")
+        sys.exit(f"--resume: {ckpt_path} was trained on other files (images or masks changed since); start afresh")
 
     # 2. model: ImageNet, a local file, one of our checkpoints, or random (a resumed run loads its own)
     model = build_classifier(len(train.classes), 4 if channel else 3, weights, args.weights or "ImageNet weights")
@@ -180,23 +171,22 @@ def main(argv=None):
         first, log_rows, saved = resume["epoch"] + 1, resume["log_rows"], f"the last good checkpoint is {ckpt_path}"
         print(f"resuming {ckpt_path} after epoch {resume['epoch']}")
 
-    # 4. loop; checkpoint.pt and log.csv updated every `every` epochs, only from finite weights
-    every, start = args.save_every or max(1, epochs // 20), time.perf_counter()   # ~20 saves: WBC_1 runs 1000s of epochs
+    # 4. loop; checkpoint.pt and log.csv updated every `every` epochs (~20 saves: WBC_1 runs 1000s), from finite weights
+    every, start = args.save_every or max(1, epochs // 20), time.perf_counter()
     for epoch in range(first, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loss, acc, speed, empty, bad_step = train_one_epoch(
-            forward_map, model, train, optimizer, scaler, autocast, args.alpha, class_w, channel, args.batch_size,
-            device, args.clip_grad, 1 if args.dry_run else None)
+        loss, acc, speed, empty, bad_step = train_one_epoch(forward_map, model, train, optimizer, scaler, autocast,
+                                                            class_w, channel, args)
         scheduler.step()
         logits = infer(model, val.images, val.masks, args.batch_size * 2, device, autocast, mask_channel=channel)
-        val_loss, preds = F.cross_entropy(logits, val.labels).item(), logits.argmax(1)
+        val_loss, preds = torch.nn.functional.cross_entropy(logits, val.labels).item(), logits.argmax(1)
         val_acc = (preds == val.labels).float().mean().item()
+        finite = all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point())
         broken = (f"step {bad_step}: the loss is {loss} (not finite)" if bad_step else
-                  "the weights are not finite" if not all(t.isfinite().all() for t in model.state_dict().values()
-                                                          if t.is_floating_point()) else
+                  "the weights are not finite" if not finite else
                   f"the validation loss is {val_loss}" if not math.isfinite(val_loss) else
-                  "every sample's mask weight (a1*m + a2) summed to 0: nothing to learn (empty masks?)"
-                  if empty == 1 else None)
+                  "every sample's mask weight (a1*m + a2) summed to 0: nothing to learn (empty masks?)" if empty == 1
+                  else None)
         if broken:
             sys.exit(f"error: epoch {epoch}/{epochs} {broken}; stopped, {saved}. Try a lower --lr or --clip-grad")
         eta = (time.perf_counter() - start) / (epoch - first + 1) * (epochs - epoch)
@@ -205,16 +195,14 @@ def main(argv=None):
               + (f" | {100 * empty:.0f}% empty-weight samples" if empty else ""), flush=True)
         log_rows.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_loss": val_loss,
                          "val_acc": val_acc, "lr": lr, "img_s": speed, "empty_weight_share": empty})
-        if epoch % every == 0 or epoch == epochs:
-            state = {"kind": "classifier", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "epochs": epochs, "finished": epoch == epochs, "log_rows": log_rows, "classes": train.classes,
-                     "args": plain_args, "fingerprint": train.fingerprint,
-                     "rng": {"torch": torch.get_rng_state()}}   # CUDA's RNG: never drawn from
-            if epoch < epochs:
-                save_checkpoint(state, ckpt_path)
-                save_csv(log_rows, args.out / "log.csv")
-                saved = f"the last good checkpoint is {ckpt_path} (epoch {epoch})"
+        state = dict(kind="classifier", model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
+                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epochs=epochs, args=plain_args,
+                     finished=epoch == epochs, log_rows=log_rows, classes=train.classes, fingerprint=train.fingerprint,
+                     rng={"torch": torch.get_rng_state()})   # CUDA's RNG: never drawn from
+        if epoch % every == 0 and epoch < epochs:   # the last epoch's is saved with the report
+            save_checkpoint(state, ckpt_path)
+            save_csv(log_rows, args.out / "log.csv")
+            saved = f"the last good checkpoint is {ckpt_path} (epoch {epoch})"
 
     # 5. report, and the final checkpoint with it
     metrics = classification_metrics(confusion_matrix(val.labels, preds, len(train.classes)), train.classes)
@@ -228,9 +216,10 @@ def main(argv=None):
     print(f"wrote {ckpt_path}, {args.out / 'log.csv'} and {args.out / 'metrics.json'}")
     return metrics
 
-
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, KeyboardInterrupt) as e:
-        sys.exit(f"error: {e}" if isinstance(e, DataError) else "interrupted: --resume continues from the last checkpoint")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: --resume continues from the last checkpoint")
+    except DataError as e:
+        sys.exit(f"error: {e}")
