@@ -8,7 +8,7 @@ RUNS ?= runs
 .PHONY: install demo synth masker classifier evaluate test tecom300 crossdomain
 
 install:
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r requirements.txt
 
 demo: install synth masker classifier evaluate
 

@@ -75,6 +75,8 @@ def parse_args(argv=None):
     runs = Path("runs/dry_run" if args.dry_run else "runs")   # a dry run's untrained files never feed a real run
     args.masks = Path(args.masks or runs / f"masker_WBC_{args.split}" / "masks")
     args.out = Path(args.out or runs / f"classifier_WBC_{args.split}_{setting_name(args)}")
+    if args.masks.is_file() or args.out.is_file():
+        p.error(f"{args.masks if args.masks.is_file() else args.out}: a file where a folder belongs")
     return args
 
 def setting_name(args):
