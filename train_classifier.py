@@ -32,6 +32,9 @@ def parse_args(argv=None):
     g.add_argument("--size", type=int, default=224, help="working size in px (>= 32)")
     g.add_argument("--cache", default=".cache/decoded", help="decoded-image cache folder ('none' = off)")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
+    g.add_argument("--zoom", type=float, nargs=2, default=[0.75, 1.0], help="crop side range (above 1 zooms out)")
+    g.add_argument("--stain", type=float, default=0.0, help="hue/saturation/grey augmentation strength in [0, 1]")
+    g.add_argument("--blur", type=float, default=0.0, help="largest Gaussian blur sigma in px (0 = off)")
     g = p.add_argument_group("mask guidance and model")
     g.add_argument("--alpha", type=float, nargs=2, metavar=("A1", "A2"), help="weight the loss by (A1*mask + A2): 0 1 "
                    "everywhere, 1 0 the cell, -1 1 its surroundings; omit for plain cross-entropy")
@@ -45,9 +48,6 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=32, help="images per step (>= 2: BatchNorm)")
     g.add_argument("--lr", type=float, default=3e-3, help="Adam lr, halved at each 7th of the run (6 halvings)")
     g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--zoom", type=float, nargs=2, default=[0.75, 1.0], help="crop side range (above 1 zooms out)")
-    g.add_argument("--stain", type=float, default=0.0, help="hue/saturation/grey augmentation strength in [0, 1]")
-    g.add_argument("--blur", type=float, default=0.0, help="largest Gaussian blur sigma in px (0 = off)")
     g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="autocast; auto: bf16 on "
                    "CUDA (fp16 + grad scaler without bf16) and on CPUs with bf16 instructions, else off")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
