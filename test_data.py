@@ -1,4 +1,4 @@
-"""Data: every mask encoding of SPEC 1, layout rules, the decode cache, augmentation alignment."""
+"""Data: every mask encoding, layout rules, the decode cache, augmentation alignment."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Losses and metrics, checked by hand on tiny tensors (SPEC sections 2-4)."""
+"""Losses and metrics, checked by hand on tiny tensors."""
 import math
 
 import pytest
