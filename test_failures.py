@@ -208,6 +208,21 @@ def test_files_where_folders_belong_and_back(wbc, tmp_path, script, case):
     assert "Traceback" not in message
 
 
+@pytest.mark.parametrize("script", [train_classifier, train_masker])
+def test_batch_of_one_is_refused_before_batchnorm_fails(wbc, tmp_path, capsys, script):
+    with pytest.raises(SystemExit) as e:
+        script.main(run_argv(wbc, tmp_path / "out", "--batch-size", "1"))
+    assert e.value.code == 2 and "BatchNorm" in capsys.readouterr().err
+
+
+def test_refused_pickle_names_the_code_not_torchs_advice(wbc, tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": os.system, "args": {}}, evil)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(evil)])
+    assert "refused" in str(e.value) and "system" in str(e.value) and "weights_only" not in str(e.value)
+
+
 def test_evaluate_json_folder_and_size_zero_refused(tmp_path, capsys):
     for argv in (["x.pt", "--json", str(tmp_path)], ["x.pt", "--size", "0"], ["x.pt", "--batch-size", "0"]):
         with pytest.raises(SystemExit) as e:
