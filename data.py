@@ -146,14 +146,15 @@ def decode_one(job):
 
 def fingerprint(paths, extra=""):
     """Hash of the files' paths, bytes and mtimes: the decode cache's key; --resume refuses changed data."""
-    stats = (f"\n{os.path.abspath(p)} {os.stat(p).st_size} {os.stat(p).st_mtime_ns}" for p in paths)
+    stats = (f"\n{os.path.abspath(p)} {st.st_size} {st.st_mtime_ns}" for p in paths for st in [os.stat(p)])
     return hashlib.sha1((f"{CACHE_VERSION} {extra}" + "".join(stats)).encode()).hexdigest()[:20]
 
 def decode_all(kind, paths, size, cache_dir=None, log=print):
     """Decode every file once: (N, C, S, S) uint8 (C = 3 images, 1 masks), original (w, h) sizes, and
     {index: reason} of unreadable files. With cache_dir the result is kept as .npy + .json."""
-    stem = Path(cache_dir or ".") / f"{kind}-{fingerprint(paths, f'{kind} {size}')}"
-    if cache_dir is not None and paths and Path(f"{stem}.json").exists():
+    cached = cache_dir is not None and paths   # without a cache, no file is hashed
+    stem = Path(cache_dir) / f"{kind}-{fingerprint(paths, f'{kind} {size}')}" if cached else None
+    if cached and Path(f"{stem}.json").exists():
         try:
             meta = json.loads(Path(f"{stem}.json").read_text())
             return (np.load(f"{stem}.npy"), [tuple(s) if s else None for s in meta["shapes"]],
@@ -168,7 +169,7 @@ def decode_all(kind, paths, size, cache_dir=None, log=print):
                 out[i], shapes[i] = (array.transpose(2, 0, 1) if kind == "image" else array[None]), shape
             else:
                 bad[i] = err
-    if cache_dir is not None and paths:
+    if cached:
         try:   # a cache is a speed-up: a read-only or full disk only costs time
             atomic_write(f"{stem}.npy", lambda f: np.save(f, out))
             atomic_write(f"{stem}.json", lambda f: f.write(json.dumps({"shapes": shapes, "bad": bad}).encode()))
@@ -361,7 +362,7 @@ def load_checkpoint(path, required=("model", "args")):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # refused pickle code, zip and EOF errors: the first sentence, never torch's advice
-        refused = re.search(r"GLOBAL (\S+)", str(e))   # to retry with weights_only=False (it would run the code)
+        refused = re.search(r"GLOBAL (\S+)", str(e))   # torch suggests an unsafe retry that would run the code
         why = str(e).strip().split(". ")[0][:200] + (f"; refused {refused[1]}" if refused else "")
         raise SystemExit(f"{path}: not a loadable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):

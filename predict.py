@@ -13,8 +13,6 @@ predicting: no labels, no gradient, weights untouched. It helps when a new micro
 shift the features' statistics away from the training set's.
 """
 import argparse
-import csv
-import io
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import DataError, atomic_write, decode_all, infer, list_images, load_checkpoint, make_batch, save_json
+from data import (DataError, atomic_write, decode_all, infer, list_images, load_checkpoint, make_batch, save_csv,
+                  save_json, save_mask_png)
 from losses import classification_metrics, confusion_matrix, mask_counts, mask_metrics
 from resnet_cls import ResNetClassifier
 from unet import UNet
@@ -103,25 +102,32 @@ def main(argv=None):
         raise DataError(f"{folder}: no images ({', '.join(sorted(('.jpg', '.png', '.bmp', '.tif')))}...)")
     names = [str(p.relative_to(folder)) for p in paths]
     print(f"{len(paths)} images under {folder} | {' and '.join(models)} | adapt BN {args.adapt_bn} | device {device}")
-    scores, masks_by_size, rows = {}, {}, None
+    scores, masks_by_size, rows, decoded = {}, {}, None, {}
+
+    def decode(size):
+        """FOLDER's images at `size` (N, 3, S, S) uint8 and their (w, h), decoded once for both models."""
+        if size not in decoded:
+            images, shapes, bad = decode_all("image", paths, size, log=print)
+            if bad:
+                raise DataError(f"{len(bad)} unreadable image(s), e.g. {paths[min(bad)]}: {bad[min(bad)]}")
+            decoded[size] = torch.from_numpy(images), shapes
+        return decoded[size]
 
     if "masker" in models:   # 1. masks (the classifier may read them as a 4th channel)
         model, ckpt = models["masker"]
         size = ckpt["args"]["size"]
-        images, shapes, bad = decode_all("image", paths, size, log=print)
-        if bad:
-            raise DataError(f"{len(bad)} unreadable image(s), e.g. {paths[min(bad)]}: {bad[min(bad)]}")
+        images, shapes = decode(size)
         model.to(device, memory_format=torch.channels_last)
         if args.adapt_bn:
-            adapt_batchnorm(model, torch.from_numpy(images), None, args.batch_size, device)
-        prob = torch.sigmoid(infer(model, torch.from_numpy(images), None, args.batch_size, device))   # (N, 1, S, S)
+            adapt_batchnorm(model, images, None, args.batch_size, device)
+        prob = torch.sigmoid(infer(model, images, None, args.batch_size, device))   # (N, 1, S, S)
         cells = prob > ckpt["args"].get("threshold", 0.5)
         masks_by_size[size] = cells.to(torch.uint8)
         for i, (path, name) in enumerate(zip(paths, names)):
             w, h = shapes[i]
             full = F.interpolate(prob[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
             cell = full > ckpt["args"].get("threshold", 0.5)
-            save_png(cell.astype(np.uint8) * 255, out / "masks" / Path(name).with_suffix(".png"))
+            save_mask_png(cell, out / "masks" / Path(name).with_suffix(".png"))
             with Image.open(path) as im:
                 drawn = overlay(np.asarray(im.convert("RGB")), cell)
             save_png(drawn, out / "overlays" / Path(name).with_suffix(".png"))
@@ -140,21 +146,14 @@ def main(argv=None):
         channel = ckpt["args"].get("mask_mode") == "channel"
         if channel and size not in masks_by_size:
             raise SystemExit(f"{args.classifier}: reads masks as a 4th channel: give --masker (of the same --size)")
-        images, _, bad = decode_all("image", paths, size, log=print)
-        if bad:
-            raise DataError(f"{len(bad)} unreadable image(s), e.g. {paths[min(bad)]}: {bad[min(bad)]}")
-        images, masks = torch.from_numpy(images), masks_by_size.get(size)
+        (images, _), masks = decode(size), masks_by_size.get(size)
         model.to(device, memory_format=torch.channels_last)
         if args.adapt_bn:
             adapt_batchnorm(model, images, masks, args.batch_size, device, channel)
         probs = torch.softmax(infer(model, images, masks, args.batch_size, device, mask_channel=channel), 1)
         rows = [{"path": n, "predicted": classes[int(p.argmax())], **{c: f"{float(v):.4f}" for c, v in zip(classes, p)}}
                 for n, p in zip(names, probs)]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(out / "predictions.csv", lambda f: f.write(text.getvalue().encode()))
+        save_csv(rows, out / "predictions.csv")
         labels = [classes.index(Path(n).parts[0]) if len(Path(n).parts) > 1 and Path(n).parts[0] in classes else -1
                   for n in names]
         if labels and min(labels) >= 0:   # a <Class>/<image> folder: score it like evaluate.py

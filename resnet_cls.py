@@ -25,7 +25,7 @@ def resnet34_state_dict(pretrained=False, weights_file=None):
         except FileNotFoundError:
             raise SystemExit(f"--weights {path}: file not found") from None
         except Exception as e:  # pickle, zip and EOF errors: the message says which
-            first = str(e).split(". ")[0][:200]   # never torch's advice to load with weights_only=False
+            first = str(e).split(". ")[0][:200]   # not torch's advice to retry unsafely, which would run the code
             raise SystemExit(f"--weights {path}: not a readable torch state dict ({type(e).__name__}: {first})") from None
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]  # accept a checkpoint dict that holds the state dict
