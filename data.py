@@ -1,11 +1,8 @@
 """Data of the WBC system: folder layout, decoding each image once, augmented batches, atomic file writes.
 
-Layout: ROOT/WBC_<split>/train/{data,mask}/<Class>/<stem>.<ext>, validation of every split in
-ROOT/WBC_100/val/{data,mask}, CAM16/train/{data,mask}/{normal,tumor}/ (`python synth.py ROOT` writes one).
-Masks: cell = 8-bit value >= 64 (robust to JPEG noise; counts the 128 cytoplasm of 0/128/255 masks), a 0/1
-mask when its maximum is 1, palette index != 0. Decoded arrays are cached as .npy in --cache (default
-./.cache/decoded, never inside the dataset), keyed by each file's path, bytes and mtime and the size.
-"""
+Layout: ROOT/WBC_<split>/train/{data,mask}/<Class>/<stem>.<ext>, validation in ROOT/WBC_100/val. Masks: cell =
+8-bit value >= 64 (robust to JPEG noise; counts the 128 cytoplasm of 0/128/255 masks), a 0/1 mask when its max is 1,
+palette index != 0. Decoded arrays are cached as .npy in --cache, keyed by each file's path, bytes, mtime and size."""
 import csv
 import fcntl
 import hashlib
@@ -23,37 +20,33 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
-IGNORED_DIRS = {"__MACOSX", ".ipynb_checkpoints"}   # tool debris, never classes
 SPLITS = (1, 10, 50, 100)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CACHE_VERSION = 2   # bump when decoding changes, so stale caches are not reused
+CACHE_VERSION = 3   # bump when decoding changes, so stale caches are not reused
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")   # 16-bit and 32-bit grey
+HELD = []   # this process's folder lock: one run per process at a time (a later one, in a test, drops the last's)
 
 class DataError(Exception):
     """Bad input on disk (or a disk that refuses a write); the message names the path and what is wrong."""
 
-# ---------------------------------------------------------------------------- layout
 def wbc_dirs(root, split):
     """Folders of one split: train data/mask of WBC_<split>, val data/mask of WBC_100."""
     if not Path(root).is_dir():
         raise DataError(f"{root}: data folder not found (make one with: python synth.py {root})")
     dirs = {f"{part}_{kind}": Path(root, f"WBC_{split}" if part == "train" else "WBC_100", part, kind)
             for part in ("train", "val") for kind in ("data", "mask")}
-    for need in (dirs["train_data"], dirs["val_data"]):
-        if not need.is_dir():
-            raise DataError(f"{need}: folder not found (expected ROOT/WBC_<split>/train/data/<Class>/ "
-                            f"and ROOT/WBC_100/val/data/<Class>/)")
+    for need in (d for d in (dirs["train_data"], dirs["val_data"]) if not d.is_dir()):
+        raise DataError(f"{need}: folder not found (expected ROOT/WBC_<split>/train/data/<Class>/, ROOT/WBC_100/val)")
     return dirs
 
 def is_image(path):
     return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")   # not .DS_Store's kin
 
-def is_ignored(name):   # hidden and tool folders are never classes
-    return name.startswith(".") or name in IGNORED_DIRS
+def is_ignored(name):   # hidden and tool folders (debris of macOS, Jupyter) are never classes
+    return name.startswith(".") or name in ("__MACOSX", ".ipynb_checkpoints")
 
 def scan_folder(folder, classes=None):
-    """(paths, labels, classes, ignored) of <folder>/<Class>/<image>. classes=None: the sub-folders are
-    the classes (sorted), each must hold an image; classes given: the folder's must be among them."""
+    """(paths, labels, classes, ignored) of <folder>/<Class>/<image>; classes=None: its sub-folders, sorted."""
     folder = Path(folder)
     class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not is_ignored(d.name)) if folder.is_dir() else []
     if not class_dirs:
@@ -77,13 +70,6 @@ def scan_folder(folder, classes=None):
         labels += [classes.index(d.name)] * len(found)
     return paths, labels, classes, ignored
 
-def list_images(folder):
-    """Every image under `folder`, any depth, sorted; hidden and tool folders skipped."""
-    if not Path(folder).is_dir():
-        raise DataError(f"{folder}: folder not found")
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image(p)
-                  and not any(is_ignored(part) for part in p.relative_to(folder).parts))
-
 def mask_root(root, data):
     """(data, mask) folders of a --pretrain-on ROOT: ROOT/train, ROOT/WBC_100/train or ROOT/CAM16/train."""
     found = [Path(root, sub) for sub in ("train", "WBC_100/train", "CAM16/train") if Path(root, sub, "mask").is_dir()]
@@ -91,30 +77,23 @@ def mask_root(root, data):
         raise DataError(f"--pretrain-on {root}: no train/mask, WBC_100/train/mask or CAM16/train/mask under it")
     owner = found[0].resolve().parent   # the dataset's own WBC_*: more masks would break the split's budget
     if owner.name.startswith("WBC_") and owner.parent == Path(data).resolve():
-        raise DataError(f"--pretrain-on {root}: {found[0]} holds masks of the dataset being trained; its split's "
-                        f"masks are used anyway, and more would break the split's budget")
+        raise DataError(f"--pretrain-on {root}: {found[0]} holds the trained dataset's masks: over the split's budget")
     return found[0] / "data", found[0] / "mask"
 
-# ---------------------------------------------------------------------------- decoding
 def wide_to_8bit(a):
-    """16/32-bit grey -> 0..255 float, scaled by the smallest bit depth (>= 8) holding the maximum: 12-bit
-    camera data fills the 8-bit range, and a 0/255 mask stored as 16-bit stays 0/255."""
+    """16/32-bit grey -> 0..255 float by the smallest bit depth (>= 8) holding the max: 12-bit data fills 8 bits."""
     bits = max(8, int(np.ceil(np.log2(float(max(0.0, np.nanmax(a, initial=0.0))) + 1))))
     return np.clip(a / (2.0 ** bits - 1) * 255, 0, 255)
 
-def check_pixels(im):
-    """Refuse an image over Image.MAX_IMAGE_PIXELS (Pillow only warns up to 2x, in a decoding thread)."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and im.width * im.height > limit:
-        raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, limit {limit} (Image.MAX_IMAGE_PIXELS)")
+def check_pixels(im):   # Pillow only warns up to 2x Image.MAX_IMAGE_PIXELS, in a decoding thread: refuse it
+    if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, over Image.MAX_IMAGE_PIXELS")
 
 def decode_image(path, size):
     """(size, size, 3) uint8 upright (EXIF), any mode -> RGB (transparent -> white); and the original (w, h)."""
     with Image.open(path) as im:
         check_pixels(im)
-        w, h = im.size
-        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # EXIF 90-degree turns swap the sides
-            w, h = h, w
+        w, h = im.size[::-1] if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else im.size   # EXIF 90-degree turns
         if im.format == "JPEG":
             im.draft("RGB", (size, size))   # libjpeg decodes at 1/2, 1/4.. scale: much faster
         im = ImageOps.exif_transpose(im)
@@ -125,8 +104,7 @@ def decode_image(path, size):
         return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=3.0)), (w, h)
 
 def decode_mask(path, size):
-    """(size, size) uint8 0/1 cell mask (the encodings in the module docstring; 16-bit scaled first),
-    nearest-neighbour resized, and the original (w, h)."""
+    """(size, size) uint8 0/1 cell mask (encodings: the module docstring), nearest-resized; the original (w, h)."""
     with Image.open(path) as im:
         check_pixels(im)
         im = ImageOps.exif_transpose(im)
@@ -150,16 +128,13 @@ def fingerprint(paths, extra=""):
     return hashlib.sha1((f"{CACHE_VERSION} {extra}" + "".join(stats)).encode()).hexdigest()[:20]
 
 def decode_all(kind, paths, size, cache_dir=None, log=print):
-    """Decode every file once: (N, C, S, S) uint8 (C = 3 images, 1 masks), original (w, h) sizes, and
-    {index: reason} of unreadable files. With cache_dir the result is kept as .npy + .json."""
-    cached = cache_dir is not None and paths   # without a cache, no file is hashed
-    stem = Path(cache_dir) / f"{kind}-{fingerprint(paths, f'{kind} {size}')}" if cached else None
-    if cached and Path(f"{stem}.json").exists():
+    """Decode every file once: (N, C, S, S) uint8 (C: 3 images, 1 masks), (w, h) sizes, {index: why} unreadable."""
+    stem = Path(cache_dir) / f"{kind}-{fingerprint(paths, f'{kind} {size}')}" if cache_dir and paths else None
+    if stem and Path(f"{stem}.json").exists():   # without a cache, no file is hashed
         try:
             meta = json.loads(Path(f"{stem}.json").read_text())
-            return (np.load(f"{stem}.npy"), [tuple(s) if s else None for s in meta["shapes"]],
-                    {int(k): v for k, v in meta["bad"].items()})
-        except (OSError, ValueError, KeyError, EOFError) as e:   # truncated by a full disk or a kill: rebuild
+            return np.load(f"{stem}.npy"), [s and tuple(s) for s in meta[0]], dict(meta[1])
+        except (OSError, ValueError, LookupError, TypeError, EOFError) as e:   # truncated by a disk full or a kill
             log(f"decode cache {stem}.npy unreadable ({type(e).__name__}); decoding again")
     out = np.zeros((len(paths), 3 if kind == "image" else 1, size, size), np.uint8)
     shapes, bad = [None] * len(paths), {}
@@ -169,19 +144,17 @@ def decode_all(kind, paths, size, cache_dir=None, log=print):
                 out[i], shapes[i] = (array.transpose(2, 0, 1) if kind == "image" else array[None]), shape
             else:
                 bad[i] = err
-    if cached:
+    if stem:
         try:   # a cache is a speed-up: a read-only or full disk only costs time
             atomic_write(f"{stem}.npy", lambda f: np.save(f, out))
-            atomic_write(f"{stem}.json", lambda f: f.write(json.dumps({"shapes": shapes, "bad": bad}).encode()))
+            atomic_write(f"{stem}.json", lambda f: f.write(json.dumps([shapes, [*bad.items()]]).encode()))
         except DataError as e:
             log(f"warning: no decode cache ({e}); going on without it")
     return out, shapes, bad
 
-# ---------------------------------------------------------------------------- labelled sets
 @dataclass
 class ImageSet:
-    """images (N, 3, S, S) uint8; labels (N,) int64; masks (N, 1, S, S) uint8 0/1 or None; has_mask (N,)
-    bool; paths and original (w, h) sizes as lists; classes; fingerprint of the files it was read from."""
+    """images (N, 3, S, S) uint8, labels (N,), masks (N, 1, S, S) 0/1 or None, has_mask (N,) bool; lists."""
     images: torch.Tensor
     labels: torch.Tensor
     masks: torch.Tensor
@@ -210,8 +183,7 @@ def report_bad(bad, paths, what, skip_bad, log):
         log(f"skipped {len(bad)} unreadable {what} file(s):{lines}")
 
 def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_bad=False, log=print, need_masks=False):
-    """Decode <data_dir>/<Class>/<image>, each with the first <Class>/<stem>.<any ext> mask in mask_dirs. Unreadable
-    files stop the run, or are skipped with --skip-bad; need_masks: an image without a mask stops it too."""
+    """<data_dir>/<Class>/<image> + the first <Class>/<stem>.* mask in mask_dirs, decoded; bad files stop it."""
     paths, labels, classes, ignored = scan_folder(data_dir, classes)
     if ignored:
         log(f"{data_dir}: ignored {ignored} hidden or non-image file(s)")
@@ -221,10 +193,9 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
     for f in (f for d in map(Path, mask_dirs) if d.is_dir() for f in sorted(d.glob("*/*")) if is_image(f)):
         found.setdefault((f.parent.name, f.stem), f)
     mask_paths = [found.pop((classes[y], p.stem), None) for p, y in zip(paths, labels)]
-    orphans = [f for (cls, _), f in found.items() if not is_ignored(cls)]
+    orphans = [str(f) for (cls, _), f in found.items() if not is_ignored(cls)]
     if orphans:
-        log(f"{len(orphans)} mask(s) match no image, ignored: {', '.join(map(str, orphans[:5]))}"
-            + (" ..." if len(orphans) > 5 else ""))
+        log(f"{len(orphans)} mask(s) match no image, ignored: {', '.join(orphans[:5])}{' ...' * (len(orphans) > 5)}")
     where = [i for i, m in enumerate(mask_paths) if m is not None and i not in bad]
     masks, has = None, torch.zeros(len(paths), dtype=torch.bool)
     if where:
@@ -244,24 +215,22 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
     missing = (~full.has_mask).nonzero()[:, 0]
     if need_masks and len(missing):
         raise DataError(f"{len(missing)} of {len(full)} images of {data_dir} have no mask in "
-                        f"{' or '.join(map(str, mask_dirs))} (e.g. {full.paths[missing[0]]}); "
-                        f"draw them with train_masker.py (or point --masks at where it wrote them)")
+                        f"{' or '.join(map(str, mask_dirs))} (e.g. {full.paths[missing[0]].name}); run train_masker.py")
     return full
 
-# ---------------------------------------------------------------------------- batches
 def batch_indices(n, batch_size, shuffle, drop_last=False):
     """Index tensors of one epoch's batches (torch's global RNG shuffles); drop_last: no ragged last batch."""
     order = torch.randperm(n) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last and n > batch_size else n   # unless it is all: BatchNorm needs 2
     return list(order[:stop].split(batch_size))
 
-def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None):
-    """Batch `idx` of uint8 images (N, 3, S, S), masks (N, 1, S, S) or None -> x (B, 3 or 4, S, S) normalised,
-    channels-last, augment(**aug)ed if `train`, + the mask as 4th channel if `mask_channel`; m (B, 1, S, S) or None."""
+def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, part=slice(None)):
+    """uint8 images (N, 3, S, S), masks (N, 1, S, S) or None -> x (B, 3|4: mask_channel, S, S), m (B, 1, S, S) or None:
+    rows `part` of batch `idx`, augment(**aug)ed whole if `train` (each process of a parallel run draws as one does)."""
     x = images[idx].to(device, non_blocking=True).float().div_(255)
     m = None if masks is None else masks[idx].to(device, non_blocking=True).float()
-    if train:
-        x, m = augment(x, m, **(aug or {}))
+    x, m = augment(x, m, **(aug or {})) if train else (x, m)
+    x, m = x[part], None if m is None else m[part]
     x = (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     x = torch.cat([x, m], dim=1) if mask_channel else x
     return x.contiguous(memory_format=torch.channels_last), m
@@ -278,11 +247,10 @@ def infer(model, images, masks=None, batch_size=64, device="cpu", autocast=None,
     return torch.cat(out)
 
 def augment(x, m=None, zoom=(0.75, 1.0), jitter=0.2, stain=0.0, blur=0.0):
-    """x (B, 3, S, S) in [0, 1], m (B, 1, S, S) or None. Per sample: a square of side `zoom` (of the image's;
-    above 1 zooms out, reflecting the borders) at a random place, flips, brightness/contrast/saturation
-    jitter; `stain`: hue turned by up to stain*180 degrees, saturation x(1 +- stain), grey with probability
-    stain/4; `blur`: Gaussian of sigma up to `blur` px. The mask follows the geometry (nearest: stays 0/1).
-    Draws from torch's CPU RNG (the same on any device), and only for the switches that are on."""
+    """x (B, 3, S, S) in [0, 1], m (B, 1, S, S) or None. Per sample: a crop of side `zoom` (> 1 zooms out), flips,
+    brightness/contrast/saturation jitter; `stain`: hue turned by up to stain*180 degrees, saturation x(1 +- stain),
+    grey with probability stain/4; `blur`: Gaussian of sigma up to `blur` px. The mask follows the geometry (nearest:
+    stays 0/1). Draws from torch's CPU RNG (the same on any device), only for the switches that are on."""
     b = x.shape[0]
     scale = torch.empty(b).uniform_(*zoom)
     shift = (torch.rand(b, 2) * 2 - 1) * (1 - scale).clamp_min(0)[:, None]   # a crop stays inside the image
@@ -309,8 +277,7 @@ def augment(x, m=None, zoom=(0.75, 1.0), jitter=0.2, stain=0.0, blur=0.0):
         mix = torch.linalg.inv(yiq) @ turn.to(x.device) @ yiq                    # (B, 3, 3) RGB -> RGB
         x = torch.einsum("bij,bjhw->bihw", mix, x).clamp(0, 1)
     if blur:   # one depthwise convolution along x, then one along y; each sample with its own sigma
-        radius = max(1, round(2 * blur))
-        sigma = (torch.rand(b) * blur).clamp_min(1e-3)
+        radius, sigma = max(1, round(2 * blur)), (torch.rand(b) * blur).clamp_min(1e-3)
         kernel = torch.exp(-torch.arange(-radius, radius + 1.0)[None] ** 2 / (2 * sigma[:, None] ** 2))
         kernel = (kernel / kernel.sum(1, keepdim=True)).to(x.device).repeat_interleave(3, 0)   # (B*3, K)
         x = F.pad(x.reshape(1, b * 3, *x.shape[-2:]), (radius,) * 4, mode="reflect")
@@ -318,12 +285,9 @@ def augment(x, m=None, zoom=(0.75, 1.0), jitter=0.2, stain=0.0, blur=0.0):
         x = x.reshape(b, 3, *x.shape[-2:])
     return x, m
 
-# ---------------------------------------------------------------------------- files
 def atomic_write(path, write):
-    """write(file) into a temp file beside `path`, then rename it over `path`: a kill or a full disk
-    leaves the previous file whole (the temp file is removed, or by the next claim_folder)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """write(file) into a temp file beside `path`, renamed over it: a kill or a full disk leaves the old file whole."""
+    tmp = (path := Path(path)).with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:   # open(), unlike mkstemp, gives the umask's usual mode
@@ -343,16 +307,14 @@ def save_json(obj, path):
 
 def save_csv(rows, path):
     """Same-keyed dicts -> CSV with a header row."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(text := io.StringIO(), fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 def save_mask_png(mask, path):
     """(H, W) bool or 0/1 mask -> 0/255 PNG."""
-    image = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
+    atomic_write(path, lambda f: Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).save(f, format="PNG"))
 
 def load_checkpoint(path, required=("model", "args")):
     """torch.load(weights_only=True): no code in a checkpoint ever runs. Errors name the file."""
@@ -367,21 +329,18 @@ def load_checkpoint(path, required=("model", "args")):
         raise SystemExit(f"{path}: not a loadable checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
         raise SystemExit(f"{path}: not a checkpoint of this repo (expected a dict with keys {list(required)})")
-    if not (isinstance(ckpt["model"], dict) and all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())):
-        raise SystemExit(f"{path}: its 'model' entry is not a state dict (name -> tensor)")
-    return ckpt
-
-HELD = {}   # folder -> this process's lock file on it (a later run in the same process, a test, takes it over)
+    if isinstance(ckpt["model"], dict) and all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        return ckpt
+    raise SystemExit(f"{path}: its 'model' entry is not a state dict (name -> tensor)")
 
 def claim_folder(out):
-    """Make `out` and lock it for this process: a second live run on it is refused, and the OS drops the
-    lock when a run dies. Then remove the temp files a killed run left there."""
+    """Make and lock `out` (a second live run is refused; the OS drops a dead run's lock); clear its temp files."""
     out = Path(out)
-    if out.resolve() in HELD:
-        HELD.pop(out.resolve()).close()
+    while HELD:
+        HELD.pop().close()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        HELD[out.resolve()] = lock = open(out / ".lock", "w")
+        HELD.append(lock := open(out / ".lock", "w"))
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise DataError(f"{out}: another run is writing into this folder; wait for it or use another --out") from None

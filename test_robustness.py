@@ -325,7 +325,7 @@ def run_killed(script, argv, at):
         with pytest.raises(Killed):
             script.main(argv)
     while data.HELD:   # a killed process's locks go with it
-        data.HELD.popitem()[1].close()
+        data.HELD.pop().close()
 
 
 def weights(path):
