@@ -215,7 +215,7 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
     missing = (~full.has_mask).nonzero()[:, 0]
     if need_masks and len(missing):
         raise DataError(f"{len(missing)} of {len(full)} images of {data_dir} have no mask in "
-                        f"{' or '.join(map(str, mask_dirs))} ({full.paths[missing[0]].name}...); draw them with train_masker.py")
+                        f"{' or '.join(map(str, mask_dirs))}; draw them with train_masker.py (or point --masks there)")
     return full
 
 def batch_indices(n, batch_size, shuffle, drop_last=False):
