@@ -1,9 +1,10 @@
 """Stage 2 model: torchvision's ResNet34 with a C-way fc, and its logit map.
 
 Input (B, 3, H, W) normalised RGB, or (B, 4, H, W) with the mask as 4th channel (--mask-mode channel);
-any H, W >= 32. forward gives logits (B, C); forward_map the logit map L (B, C, H/32, W/32): the fc
-applied as a 1x1 convolution to the last feature map. The fc is linear, so the spatial mean of L equals
-torchvision's avgpool -> fc exactly: a model trained with the mask-weighted loss needs no mask at inference.
+any H, W >= 32. forward gives logits (B, C); forward(x, pooled=False) (= forward_map) the logit map L
+(B, C, H/32, W/32): the fc applied as a 1x1 convolution to the last feature map. The fc is linear, so the spatial
+mean of L equals torchvision's avgpool -> fc exactly: a model trained with the mask-weighted loss needs no mask at
+inference.
 
 resnet34_state_dict() gives ImageNet weights (torchvision's weights API, downloads once) or a local
 torchvision-format file; load_backbone() puts them into this model or into unet.py's encoder, fc dropped.
@@ -26,7 +27,7 @@ def resnet34_state_dict(pretrained=False, weights_file=None):
             raise SystemExit(f"--weights {path}: file not found") from None
         except Exception as e:  # pickle, zip and EOF errors: the message says which
             first = str(e).split(". ")[0][:200]   # not torch's advice to retry unsafely, which would run the code
-            raise SystemExit(f"--weights {path}: not a readable torch state dict ({type(e).__name__}: {first})") from None
+            raise SystemExit(f"--weights {path}: not a readable state dict ({type(e).__name__}: {first})") from None
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]  # accept a checkpoint dict that holds the state dict
         if not isinstance(state, dict) or "conv1.weight" not in state:
@@ -46,11 +47,14 @@ def resnet34_state_dict(pretrained=False, weights_file=None):
 
 
 def load_backbone(module, state, source="state dict"):
-    """Load a torchvision resnet34 state dict into `module` (a torchvision ResNet), fc excluded.
+    """Load a torchvision resnet34 state dict into `module` (a torchvision ResNet), fc excluded; or the backbone of
+    our classifier ("backbone.*") or the encoder of our masker ("encoder.*") from their state dicts.
 
     conv1 may have a 4th input channel: its RGB filters come from `state`, the 4th stays as is.
     Raises SystemExit naming `source` when keys or shapes don't match.
     """
+    prefix = next((p for p in ("backbone.", "encoder.") if any(k.startswith(p) for k in state)), "")
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     conv1 = state.get("conv1.weight")
     own_conv1 = module.conv1.weight
@@ -95,9 +99,11 @@ class ResNetClassifier(nn.Module):
         fc = self.backbone.fc
         return F.conv2d(self.features(x), fc.weight[:, :, None, None], fc.bias)
 
-    def forward(self, x):
-        """(B, in_channels, H, W) -> logits (B, C): the spatial mean of the logit map."""
-        return self.forward_map(x).mean((2, 3))
+    def forward(self, x, pooled=True):
+        """(B, in_channels, H, W) -> logits (B, C), the spatial mean of the logit map; pooled=False: the map.
+        Training calls model(x, pooled=False), not forward_map, so that a DistributedDataParallel wrapper sees it."""
+        logit_map = self.forward_map(x)
+        return logit_map.mean((2, 3)) if pooled else logit_map
 
 
 def build_classifier(num_classes, in_channels=3, state=None, source="state dict"):

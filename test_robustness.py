@@ -449,7 +449,7 @@ def test_untrusted_checkpoints_refused_before_training(wbc, tmp_path, capsys, ca
 
 def test_evil_weights_file_refused(wbc, tmp_path):
     marker, cases = bad_checkpoints(tmp_path / "ckpts")
-    with pytest.raises(SystemExit, match=re.escape(f"--weights {cases['evil'][0]}: not a readable torch state dict")):
+    with pytest.raises(SystemExit, match=re.escape(f"--weights {cases['evil'][0]}: not a readable state dict")):
         train_classifier.main(run_argv(wbc, tmp_path / "out", "--weights", str(cases["evil"][0])))
     assert not marker.exists()
 
@@ -524,21 +524,23 @@ def test_clip_grad_clips_every_step(wbc, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("script,argv,message", [
     (train_classifier, ["--split", "7"], "argument --split: invalid choice: 7"),
-    (train_classifier, ["--lr", "-1"], "--lr must be positive and finite"),
-    (train_classifier, ["--lr", "nan"], "--lr must be positive and finite"),
+    (train_classifier, ["--lr", "-1"], "need finite --lr > 0"),
+    (train_classifier, ["--lr", "nan"], "need finite --lr > 0"),
     (train_classifier, ["--epochs", "0"], "--epochs >= 1"),
-    (train_classifier, ["--size", "16"], "--size at least 32"),
+    (train_classifier, ["--size", "16"], "--size >= 32"),
+    (train_classifier, ["--batch-size", "1"], "--batch-size >= 2 per process (BatchNorm) x"),
+    (train_masker, ["--batch-size", "1"], "--batch-size >= 2 per process (BatchNorm) x"),
     (train_classifier, ["--alpha", "-2", "1"], "--alpha: alpha (-2, 1) gives negative weights"),
     (train_classifier, ["--alpha", "0", "0"], "weighs every location 0"),
     (train_classifier, ["--alpha", "nan", "1"], "--alpha: alpha (nan, 1): must be finite numbers"),
-    (train_classifier, ["--pretrained", "--weights", "w.pt"], "each set the starting weights: pick one"),
-    (train_classifier, ["--init", "a.pt", "--weights", "w.pt"], "each set the starting weights: pick one"),
-    (train_classifier, ["--clip-grad", "-1"], "--clip-grad finite"),
+    (train_classifier, ["--pretrained", "--weights", "w.pt"], "not allowed with argument"),
+    (train_classifier, ["--init", "a.pt", "--weights", "w.pt"], "not allowed with argument"),
+    (train_classifier, ["--clip-grad", "-1"], "--clip-grad >= 0"),
     (train_classifier, ["--mask-mode", "pixels"], "argument --mask-mode: invalid choice: 'pixels'"),
     (train_masker, ["--split", "7"], "argument --split: invalid choice: 7"),
     (train_masker, ["--size", "70"], "--size 70: the UNet needs a positive multiple of 32"),
     (train_masker, ["--holdout", "1"], "--holdout in [0, 1)"),
-    (train_masker, ["--pretrained", "--weights", "w.pt"], "both set the encoder's weights: pick one"),
+    (train_masker, ["--pretrained", "--weights", "w.pt"], "not allowed with argument"),
     (train_masker, ["--threshold", "2"], "--threshold in [0, 1]"),
     (train_masker, ["--save-every", "-1"], "--seed and --save-every >= 0"),
     (evaluate, ["--pred-masks", "p"], "--pred-masks and --true-masks go together"),

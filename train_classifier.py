@@ -1,27 +1,28 @@
 """Stage 2: train the ResNet34 WBC classifier, its loss optionally weighted by the cell masks.
 
     python train_classifier.py --alpha -1 1            # loss weighted by (-1*mask + 1): the cell's surroundings
-    python train_classifier.py --alpha 1 0 --balance   # only the cell, classes balanced; no --alpha: plain CE
+    python train_classifier.py --alpha 1 0 --balance   # only the cell (0 1: everywhere), classes balanced
+    torchrun --nproc-per-node 8 train_classifier.py --alpha -1 1   # data-parallel: 8 GPUs share each batch
 
-Masks: WBC_<split>/train/mask's ground truth where there is one, else train_masker.py's (--masks). Writes to
---out: checkpoint.pt (also every --save-every epochs, with optimizer, schedule and RNG states, so --resume
-continues a killed run bit-identically), log.csv (a row per epoch), metrics.json (scores on WBC_100/val).
-"""
+Masks: ground truth where there is one, else train_masker.py's (--masks). Writes to --out: checkpoint.pt (also
+every --save-every epochs, for --resume), log.csv and metrics.json (scores on WBC_100/val)."""
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from data import (SPLITS, DataError, batch_indices, claim_folder, infer, load_checkpoint, load_set, make_batch,
                   save_checkpoint, save_csv, save_json, wbc_dirs)
 from losses import check_alpha, class_weights, classification_metrics, confusion_matrix, mask_weighted_ce, weighted_ce
-from resnet_cls import build_classifier, load_backbone, resnet34_state_dict
+from resnet_cls import build_classifier, resnet34_state_dict
 
-SAME_FOR_RESUME = ("data", "split", "masks", "size", "alpha", "mask_mode", "balance", "pretrained", "weights", "init",
-                   "epochs", "batch_size", "lr", "zoom", "stain", "blur", "seed", "clip_grad", "dry_run")   # or refused
+MAY_CHANGE = ("cache", "skip_bad", "amp", "compile", "device", "out", "save_every", "resume")   # on --resume; no other
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))   # torchrun sets them
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,20 +37,20 @@ def parse_args(argv=None):
     g.add_argument("--stain", type=float, default=0.0, help="hue/saturation/grey augmentation strength in [0, 1]")
     g.add_argument("--blur", type=float, default=0.0, help="largest Gaussian blur sigma in px (0 = off)")
     g = p.add_argument_group("mask guidance and model")
-    g.add_argument("--alpha", type=float, nargs=2, metavar=("A1", "A2"), help="weight the loss by (A1*mask + A2): 0 1 "
-                   "everywhere, 1 0 the cell, -1 1 its surroundings; omit for plain cross-entropy")
+    g.add_argument("--alpha", type=float, nargs=2, metavar=("A1", "A2"), help="loss weight A1*mask + A2 (none: CE)")
     g.add_argument("--mask-mode", default="loss", choices=("loss", "channel"), help="channel: mask as 4th input")
     g.add_argument("--balance", action="store_true", help="class weights 1/count, rescaled to mean 1")
-    g.add_argument("--pretrained", action="store_true", help="ImageNet init (torchvision download)")
-    g.add_argument("--weights", help="local torchvision resnet34 state dict to start from")
-    g.add_argument("--init", help="start from a checkpoint of ours (classifier or masker encoder), fc dropped")
+    start = g.add_mutually_exclusive_group()   # each sets the starting weights
+    start.add_argument("--pretrained", action="store_true", help="ImageNet init (torchvision download)")
+    start.add_argument("--weights", help="local torchvision resnet34 state dict to start from")
+    start.add_argument("--init", help="start from a checkpoint of ours (classifier or masker encoder), fc dropped")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=14, help="epochs on WBC_100 (smaller splits: same epochs x images)")
-    g.add_argument("--batch-size", type=int, default=32, help="images per step (>= 2: BatchNorm)")
+    g.add_argument("--batch-size", type=int, default=32, help="images per step, all processes together (>= 2 each)")
     g.add_argument("--lr", type=float, default=3e-3, help="Adam lr, halved at each 7th of the run (6 halvings)")
     g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="autocast; auto: bf16 on "
-                   "CUDA (fp16 + grad scaler without bf16) and on CPUs with bf16 instructions, else off")
+    g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="autocast; auto: bf16 where "
+                   "the CUDA GPU or CPU has it, fp16 + grad scaler on other GPUs, else off")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
     g.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation and init (>= 0)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
@@ -60,15 +61,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.alpha is not None and check_alpha(*args.alpha):
         p.error(f"--alpha: {check_alpha(*args.alpha)}")
-    augment_ok = 0 <= args.stain <= 1 and 0 <= args.blur < math.inf and 0 < args.zoom[0] <= args.zoom[1] < math.inf
-    if not (0 < args.lr < math.inf and 0 <= args.clip_grad < math.inf and augment_ok) or min(
-            args.epochs, args.seed + 1, args.save_every + 1) < 1:
-        p.error("--lr must be positive and finite, --clip-grad finite, --epochs >= 1, --seed and --save-every >= 0, "
-                "--stain in [0, 1], --blur >= 0, 0 < --zoom LO <= HI")
-    if args.batch_size < 2 or args.size < 32:
-        p.error("--batch-size must be at least 2 (BatchNorm) and --size at least 32")
-    if sum(bool(x) for x in (args.pretrained, args.weights, args.init)) > 1:
-        p.error("--pretrained, --weights and --init each set the starting weights: pick one")
+    numbers = (0 < args.lr < math.inf, 0 <= args.clip_grad < math.inf, 0 <= args.stain <= 1, 0 <= args.blur < math.inf,
+               0 < args.zoom[0] <= args.zoom[1] < math.inf, args.epochs >= 1, min(args.seed, args.save_every) >= 0,
+               args.size >= 32, args.batch_size >= 2 * WORLD and args.batch_size % WORLD == 0)
+    if not all(numbers):
+        p.error(f"need finite --lr > 0, --clip-grad >= 0, --stain in [0, 1], --blur >= 0, 0 < --zoom LO <= HI, --epochs"
+                f" >= 1, --seed, --save-every >= 0, --size >= 32, --batch-size >= 2 per process (BatchNorm) x {WORLD}")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device != "cpu" and not torch.cuda.is_available()):
         p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")
@@ -81,42 +79,45 @@ def parse_args(argv=None):
 
 def setting_name(args):
     """Folder-friendly name of the mask setting: nomask, alpha-1_1, channel_alpha1_0, ..., + _balance."""
-    name = "channel" if args.mask_mode == "channel" else "nomask"
-    if args.alpha is not None:
-        name = ("channel_" if args.mask_mode == "channel" else "") + f"alpha{args.alpha[0]:g}_{args.alpha[1]:g}"
+    channel = "channel_" if args.mask_mode == "channel" else ""
+    name = f"{channel}alpha{args.alpha[0]:g}_{args.alpha[1]:g}" if args.alpha is not None else channel[:-1] or "nomask"
     return name + ("_balance" if args.balance else "")
 
-def train_one_epoch(forward_map, model, data, optimizer, scaler, autocast, class_w, channel, args):
-    """One pass over `data` (one batch with --dry-run). Returns mean loss, accuracy, img/s, the share of samples
-    whose mask weights summed to 0 (they teach nothing), and the 1-based step of the first non-finite loss (0: none)."""
+def train_one_epoch(forward, model, data, optimizer, scaler, autocast, class_w, channel, args):
+    """One pass over `data` (one batch with --dry-run), this process on its share of each batch. Returns mean loss,
+    accuracy, share of samples with mask weights summing to 0, img/s, 1-based step of the first non-finite loss."""
     model.train()
-    loss_sum, correct, empty, bad_step = (torch.zeros((), device=args.device) for _ in range(4))
+    totals, bad_step = torch.zeros(3, device=args.device), torch.zeros((), device=args.device)   # no host syncs
     batches = batch_indices(len(data), args.batch_size, shuffle=True, drop_last=True)[:1 if args.dry_run else None]
     start = time.perf_counter()
     for step, idx in enumerate(batches, 1):
+        mine = slice(RANK * len(idx) // WORLD, (RANK + 1) * len(idx) // WORLD)   # this process's rows of the batch
         x, m = make_batch(data.images, data.masks, idx, args.device, train=True, mask_channel=channel,
-                          aug=dict(zoom=args.zoom, stain=args.stain, blur=args.blur))
-        y = data.labels[idx].to(args.device, non_blocking=True)
+                          aug=dict(zoom=args.zoom, stain=args.stain, blur=args.blur), part=mine)
+        y = data.labels[idx[mine]].to(args.device, non_blocking=True)
         with autocast:
-            logit_map = forward_map(x).float()                            # (B, C, h, w)
+            logit_map = forward(x, pooled=False).float()                  # (B, C, h, w)
         loss, n_empty = mask_weighted_ce(logit_map, y, m, args.alpha, class_w) if args.alpha else \
-            (weighted_ce(logit_map.mean((2, 3)), y, class_w), 0)         # pooled (B, C) logits: what inference sees
+            (weighted_ce(logit_map.mean((2, 3)), y, class_w), y.new_zeros(()))   # pooled (B, C): what inference sees
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()          # the scaler is a no-op unless --amp fp16
+        scaler.scale(loss).backward()          # the scaler is a no-op unless --amp fp16; DDP averages the gradients
         if args.clip_grad:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         scaler.step(optimizer)
         scaler.update()
-        loss_sum, empty = loss_sum + loss.detach() * len(idx), empty + n_empty
-        correct += (logit_map.detach().mean((2, 3)).argmax(1) == y).sum()
-        bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)  # no host sync
+        totals += torch.stack([loss.detach() * len(y), (logit_map.detach().mean((2, 3)).argmax(1) == y).sum(), n_empty])
+        bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+    dist.all_reduce(totals) if WORLD > 1 else None   # loss, correct, empty-weight samples: sums over every process
     seen = sum(len(idx) for idx in batches)
-    return (loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - start), empty.item() / seen,
-            int(bad_step))
+    return (*(totals / seen).tolist(), seen / (time.perf_counter() - start), int(bad_step))
 
 def main(argv=None):
     args = parse_args(argv)
+    if WORLD > 1:   # torchrun: a process per device, each on its share of every batch; rank 0 alone prints and writes
+        dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
+        args.device = "cpu" if args.device == "cpu" else f"cuda:{os.environ['LOCAL_RANK']}"
+        sys.stdout = sys.stdout if RANK == 0 else open(os.devnull, "w")
     device, channel, ckpt_path = torch.device(args.device), args.mask_mode == "channel", args.out / "checkpoint.pt"
     cuda, cache = device.type == "cuda", None if args.cache == "none" else args.cache
     bf16 = torch.cuda.is_bf16_supported() if cuda else torch.cpu._is_avx512_bf16_supported()   # emulated bf16: slow
@@ -126,13 +127,12 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True   # fixed-size batches: cuDNN times its kernels once, keeps the fastest
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32-like accuracy, faster
     torch.manual_seed(args.seed)   # shuffling, augmentation and init draw from torch's CPU RNG alone
-    print(f"device {device} | amp {amp} | size {args.size} | alpha {args.alpha} | mask mode {args.mask_mode} | "
-          f"balance {args.balance} | out {args.out}")
-    claim_folder(args.out)   # refuses a second live run on the same folder
+    print(f"device {device} x {WORLD} | amp {amp} | size {args.size} | {setting_name(args)} | out {args.out}")
+    claim_folder(args.out) if RANK == 0 else None   # refuses a second live run on the same folder
     resume = load_checkpoint(ckpt_path, ("model", "args", "optimizer", "rng", "fingerprint")) if args.resume else None
     plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
-    differ = [f"--{k.replace('_', '-')} ({resume['args'].get(k)!r} then, {plain_args[k]!r} now)" for k in
-              SAME_FOR_RESUME if resume and resume["args"].get(k) != plain_args[k]]
+    differ = [f"--{k.replace('_', '-')} ({resume['args'].get(k)!r} then, {v!r} now)" for k, v in plain_args.items()
+              if resume and k not in MAY_CHANGE and resume["args"].get(k) != v]
     if differ or (resume and resume["finished"]):
         sys.exit(f"--resume: {ckpt_path} " + (f"was written with other {', '.join(differ)}; rerun with the same flags"
                                               if differ else "is of a finished run") + " or use another --out")
@@ -153,31 +153,29 @@ def main(argv=None):
     if resume and (resume["fingerprint"] != train.fingerprint or resume.get("classes") != train.classes):
         sys.exit(f"--resume: {ckpt_path} was trained on other files (images or masks changed since); start afresh")
 
-    # 2. model: ImageNet, a local file, one of our checkpoints, or random (a resumed run loads its own)
-    model = build_classifier(len(train.classes), 4 if channel else 3, weights, args.weights or "ImageNet weights")
-    if init is not None:   # a classifier ("backbone.*") or a masker, whose encoder is a resnet34 too ("encoder.*")
-        prefix = "encoder." if any(k.startswith("encoder.") for k in init) else "backbone."
-        load_backbone(model.backbone, {k[len(prefix):]: v for k, v in init.items() if k.startswith(prefix)}, args.init)
+    # 2. model: ImageNet, a local file, our classifier's or masker's resnet34 (--init), or random (resumed: its own)
+    model = build_classifier(len(train.classes), 4 if channel else 3, weights if init is None else init,
+                             args.init or args.weights or "ImageNet weights")
     model = model.to(device, memory_format=torch.channels_last)   # NHWC: faster convolutions on GPUs and CPUs
-    forward_map = torch.compile(model.forward_map) if args.compile else model.forward_map
+    net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model   # same init on every rank
+    forward = torch.compile(net) if args.compile else net
 
     # 3. optimizer; StepLR with step epochs/7 unrounded: 7 equal segments, each at half the lr of the last
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=cuda or None, foreach=not cuda or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 ** math.floor(7 * e / epochs))
     first, log_rows, saved = 1, [], "no checkpoint had been saved yet"
-    (args.out / "metrics.json").unlink(missing_ok=True)   # no old result stays beside this run's files
+    (args.out / "metrics.json").unlink(missing_ok=True) if RANK == 0 else None   # no old result beside this run's
     if resume:
         for part, name in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
             part.load_state_dict(resume[name])
         torch.set_rng_state(resume["rng"]["torch"])   # last: the loop draws the same batches as an unbroken run
         first, log_rows, saved = resume["epoch"] + 1, resume["log_rows"], f"the last good checkpoint is {ckpt_path}"
-        print(f"resuming {ckpt_path} after epoch {resume['epoch']}")
 
     # 4. loop; checkpoint.pt and log.csv updated every `every` epochs (~20 saves: WBC_1 runs 1000s), from finite weights
     every, start = args.save_every or max(1, epochs // 20), time.perf_counter()
     for epoch in range(first, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loss, acc, speed, empty, bad_step = train_one_epoch(forward_map, model, train, optimizer, scaler, autocast,
+        loss, acc, empty, speed, bad_step = train_one_epoch(forward, model, train, optimizer, scaler, autocast,
                                                             class_w, channel, args)
         scheduler.step()
         logits = infer(model, val.images, val.masks, args.batch_size * 2, device, autocast, mask_channel=channel)
@@ -193,18 +191,19 @@ def main(argv=None):
             sys.exit(f"error: epoch {epoch}/{epochs} {broken}; stopped, {saved}. Try a lower --lr or --clip-grad")
         eta = (time.perf_counter() - start) / (epoch - first + 1) * (epochs - epoch)
         print(f"epoch {epoch}/{epochs} | train loss {loss:.4f} acc {100 * acc:.2f}% | val loss {val_loss:.4f} "
-              f"acc {100 * val_acc:.2f}% | lr {lr:.2e} | {speed:.0f} img/s | ETA {eta:.0f}s"
-              + (f" | {100 * empty:.0f}% empty-weight samples" if empty else ""), flush=True)
+              f"acc {100 * val_acc:.2f}% | lr {lr:.2e} | {speed:.0f} img/s | ETA {eta:.0f}s", flush=True)
         log_rows.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_loss": val_loss,
                          "val_acc": val_acc, "lr": lr, "img_s": speed, "empty_weight_share": empty})
         state = dict(kind="classifier", model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epochs=epochs, args=plain_args,
                      finished=epoch == epochs, log_rows=log_rows, classes=train.classes, fingerprint=train.fingerprint,
                      rng={"torch": torch.get_rng_state()})   # CUDA's RNG: never drawn from
-        if epoch % every == 0 and epoch < epochs:   # the last epoch's is saved with the report
+        if epoch % every == 0 and epoch < epochs and RANK == 0:   # the last epoch's is saved with the report
             save_checkpoint(state, ckpt_path)
             save_csv(log_rows, args.out / "log.csv")
             saved = f"the last good checkpoint is {ckpt_path} (epoch {epoch})"
+    if RANK > 0:
+        return None
 
     # 5. report, and the final checkpoint with it
     metrics = classification_metrics(confusion_matrix(val.labels, preds, len(train.classes)), train.classes)
@@ -214,8 +213,7 @@ def main(argv=None):
     save_csv(log_rows, args.out / "log.csv")
     save_json(metrics, args.out / "metrics.json")
     print(f"val accuracy {100 * metrics['accuracy']:.2f}% | balanced {100 * metrics['balanced_accuracy']:.2f}% | "
-          f"macro F1 {metrics['macro_f1']:.3f} | majority baseline {100 * metrics['majority_baseline']:.2f}%")
-    print(f"wrote {ckpt_path}, {args.out / 'log.csv'} and {args.out / 'metrics.json'}")
+          f"macro F1 {metrics['macro_f1']:.3f} | wrote checkpoint.pt, log.csv and metrics.json to {args.out}")
     return metrics
 
 if __name__ == "__main__":

@@ -2,11 +2,10 @@
 
     python train_masker.py --split 10                              # WBC_10's masks, center loss, 224 px
     python train_masker.py --split 100 --pretrain-on data/CAM16    # any roots with masks first, then WBC_100's
+    torchrun --nproc-per-node 8 train_masker.py --split 100        # data-parallel: 8 GPUs share each batch
 
 Writes to --out: checkpoint.pt (also every --save-every epochs, for --resume), log.csv, metrics.json and
-masks/{train,val}/<Class>/<stem>.png (0/255, each image's own size) of every image of WBC_<split>/train and
-WBC_100/val, for train_classifier.py; that folder is swapped in whole, so it holds one run's masks.
-"""
+masks/{train,val}/<Class>/<stem>.png (0/255, at each image's size) of WBC_<split>/train and WBC_100/val."""
 import argparse
 import math
 import os
@@ -23,8 +22,8 @@ from losses import MASKER_LOSSES, mask_counts, mask_metrics
 from resnet_cls import load_backbone, resnet34_state_dict
 from unet import UNet
 
-SAME_FOR_RESUME = ("data", "split", "size", "holdout", "loss", "pretrain_on", "pretrain_epochs", "pretrained",
-                   "weights", "epochs", "batch_size", "lr", "zoom", "stain", "blur", "seed", "clip_grad", "dry_run")
+MAY_CHANGE = ("cache", "skip_bad", "amp", "compile", "device", "out", "save_every", "resume", "threshold")   # --resume
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))   # torchrun sets them
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,12 +38,13 @@ def parse_args(argv=None):
     g.add_argument("--pretrain-on", nargs="+", default=[], metavar="ROOT", help="pretrain on the masks of ROOT/train "
                    "(e.g. data/CAM16), ROOT/WBC_100/train or ROOT/CAM16/train first, all ROOTs together")
     g.add_argument("--pretrain-epochs", type=int, default=10, help="epochs of pretraining")
-    g.add_argument("--pretrained", action="store_true", help="ImageNet encoder (torchvision download)")
-    g.add_argument("--weights", help="local torchvision resnet34 state dict for the encoder")
+    start = g.add_mutually_exclusive_group()   # each sets the encoder's starting weights
+    start.add_argument("--pretrained", action="store_true", help="ImageNet encoder (torchvision download)")
+    start.add_argument("--weights", help="local torchvision resnet34 state dict for the encoder")
     g = p.add_argument_group("training")
     g.add_argument("--loss", default="center", choices=sorted(MASKER_LOSSES), help="center-weighted or plain BCE")
     g.add_argument("--epochs", type=int, default=40, help="epochs for WBC_100's masks; smaller splits get more")
-    g.add_argument("--batch-size", type=int, default=16, help="images per step (>= 2: BatchNorm)")
+    g.add_argument("--batch-size", type=int, default=16, help="images per step, all processes together (>= 2 each)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to 0 in each stage)")
     g.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is cell")
     g.add_argument("--zoom", type=float, nargs=2, default=[0.75, 1.0], help="crop side range (above 1 zooms out)")
@@ -62,17 +62,15 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue the killed run in --out, with the same flags")
     g.add_argument("--dry-run", action="store_true", help="one batch, one epoch a stage, outputs under runs/dry_run")
     args = p.parse_args(argv)
-    if args.size < 32 or args.size % 32 or args.batch_size < 2:
-        p.error(f"--size {args.size}: the UNet needs a positive multiple of 32; --batch-size at least 2 (BatchNorm)")
+    if args.size < 32 or args.size % 32:
+        p.error(f"--size {args.size}: the UNet needs a positive multiple of 32")
     numbers = (args.lr > 0, args.clip_grad >= 0, 0 <= args.threshold <= 1, 0 <= args.holdout < 1, 0 <= args.stain <= 1,
                args.blur >= 0, 0 < args.zoom[0] <= args.zoom[1], min(args.epochs, args.pretrain_epochs) >= 1,
-               min(args.seed, args.save_every) >= 0)
+               min(args.seed, args.save_every) >= 0, args.batch_size >= 2 * WORLD and args.batch_size % WORLD == 0)
     if not all(numbers) or not all(map(math.isfinite, (args.lr, args.clip_grad, args.blur, *args.zoom))):
-        p.error("need finite numbers: --lr > 0, --clip-grad >= 0, --threshold in [0, 1], --holdout in [0, 1), "
-                "--stain in [0, 1], --blur >= 0, 0 < --zoom LO <= HI, --epochs and --pretrain-epochs >= 1, "
-                "--seed and --save-every >= 0")
-    if args.pretrained and args.weights:
-        p.error("--pretrained and --weights both set the encoder's weights: pick one")
+        p.error(f"need finite --lr > 0, --clip-grad >= 0, --threshold in [0, 1], --holdout in [0, 1), --stain in [0, 1]"
+                f", --blur >= 0, 0 < --zoom LO <= HI, --epochs, --pretrain-epochs >= 1, --seed and --save-every >= 0, "
+                f"--batch-size >= 2 per process (BatchNorm) x {WORLD}")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device != "cpu" and not torch.cuda.is_available()):
         p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")
@@ -80,33 +78,39 @@ def parse_args(argv=None):
     return args
 
 def train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, args):
-    """One pass over images (N, 3, S, S) and masks (N, 1, S, S), uint8 (one batch with --dry-run). Returns loss,
-    pixel error, img/s and the 1-based step of the first non-finite loss (0: none), with one host sync."""
+    """One pass over uint8 images (N, 3, S, S), masks (N, 1, S, S) (one batch with --dry-run), this process on its
+    share of each batch. Returns loss, pixel error, img/s, the 1-based step of the first non-finite loss (0: none)."""
     model.train()
-    total_loss, wrong, bad_step = (torch.zeros((), device=args.device) for _ in range(3))
+    totals, bad_step = torch.zeros(2, device=args.device), torch.zeros((), device=args.device)   # no host syncs
     batches = batch_indices(len(images), args.batch_size, shuffle=True, drop_last=True)[:1 if args.dry_run else None]
     start = time.perf_counter()
     for step, idx in enumerate(batches, 1):
-        x, m = make_batch(images, masks, idx, args.device, train=True,
-                          aug=dict(zoom=args.zoom, stain=args.stain, blur=args.blur))
+        mine = slice(RANK * len(idx) // WORLD, (RANK + 1) * len(idx) // WORLD)   # this process's rows of the batch
+        x, m = make_batch(images, masks, idx, args.device, True, aug=dict(zoom=args.zoom, stain=args.stain,
+                                                                          blur=args.blur), part=mine)
         with autocast:
             logits = forward(x)                                            # (B, 1, S, S)
         loss = MASKER_LOSSES[args.loss](logits, m)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()          # the scaler is a no-op unless --amp fp16
+        scaler.scale(loss).backward()          # the scaler is a no-op unless --amp fp16; DDP averages the gradients
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         if args.clip_grad:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         scaler.step(optimizer)
         scaler.update()
-        total_loss += loss.detach() * len(idx)
-        wrong += ((logits.detach() > 0) != (m > 0.5)).float().mean((1, 2, 3)).sum()
+        wrong = ((logits.detach() > 0) != (m > 0.5)).float().mean((1, 2, 3)).sum()   # pixel error, summed over images
+        totals += torch.stack([loss.detach() * len(m), wrong])
+    torch.distributed.all_reduce(totals) if WORLD > 1 else None   # loss and pixel error: sums over every process
     seen = sum(len(idx) for idx in batches)
-    return total_loss.item() / seen, wrong.item() / seen, seen / (time.perf_counter() - start), int(bad_step)
+    return (*(totals / seen).tolist(), seen / (time.perf_counter() - start), int(bad_step))
 
 def main(argv=None):
     args = parse_args(argv)
+    if WORLD > 1:   # torchrun: a process per device, each on its share of every batch; rank 0 alone prints and writes
+        torch.distributed.init_process_group("gloo" if args.device == "cpu" else "nccl")
+        args.device = "cpu" if args.device == "cpu" else f"cuda:{os.environ['LOCAL_RANK']}"
+        sys.stdout = sys.stdout if RANK == 0 else open(os.devnull, "w")
     device, ckpt_path, cuda = torch.device(args.device), args.out / "checkpoint.pt", args.device != "cpu"
     cache = None if args.cache == "none" else args.cache
     torch.manual_seed(args.seed)   # shuffling, augmentation and init draw from torch's CPU RNG alone
@@ -114,17 +118,15 @@ def main(argv=None):
     args.amp = amp = args.amp if args.amp != "auto" else "bf16" if bf16 else "fp16" if cuda else "off"
     autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")   # fp16 gradients underflow without it
-    print(f"device {device} | amp {amp} | size {args.size} | loss {args.loss} | out {args.out}")
-    claim_folder(args.out)   # refuses a second live run on the same folder
+    print(f"device {device} x {WORLD} | amp {amp} | size {args.size} | loss {args.loss} | out {args.out}")
+    claim_folder(args.out) if RANK == 0 else None   # refuses a second live run on the same folder
     resume = load_checkpoint(ckpt_path, ("model", "args", "optimizer", "rng", "stage")) if args.resume else None
     args.plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
-    differ = [f"--{k.replace('_', '-')} ({resume['args'].get(k)!r} then, {args.plain[k]!r} now)"
-              for k in SAME_FOR_RESUME if resume and resume["args"].get(k) != args.plain[k]]
-    if resume and resume["finished"]:
-        differ.append("--out (finished)")
-    if differ:   # continuing another run's state would give neither run's result
-        sys.exit(f"--resume: {ckpt_path} was written with other {', '.join(differ)}; rerun with the same flags "
-                 f"or another --out")
+    differ = [f"--{k.replace('_', '-')} ({resume['args'].get(k)!r} then, {v!r} now)" for k, v in args.plain.items()
+              if resume and k not in MAY_CHANGE and resume["args"].get(k) != v]
+    if differ or (resume and resume["finished"]):   # continuing another run's state gives neither run's result
+        sys.exit(f"--resume: {ckpt_path} " + (f"was written with other {', '.join(differ)}; rerun with the same flags"
+                                              if differ else "is of a finished run") + " or use another --out")
     weights = resnet34_state_dict(args.pretrained, args.weights) if not resume else None   # before any decoding
 
     # 1. data: the masks of WBC_<split> (and of --pretrain-on), a held-out set, every image to draw a mask for
@@ -154,12 +156,12 @@ def main(argv=None):
     if weights is not None:
         load_backbone(model.encoder, weights, args.weights or "ImageNet weights")
     model = model.to(device, memory_format=torch.channels_last)   # NHWC: faster convolutions on GPUs and CPUs
-    forward = torch.compile(model) if args.compile else model
+    net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model   # same init on every rank
+    forward = torch.compile(net) if args.compile else net
     torch.backends.cudnn.benchmark = True   # fixed-size batches: cuDNN times its kernels once, keeps the fastest
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32-like accuracy, faster
 
-    # 3. optimizer: a fresh Adam for each stage (pretraining on the union of --pretrain-on's masks unless a resumed
-    # run is past it, then WBC_<split>'s), its lr decaying to 0 along a cosine; fused: one CUDA kernel for all weights
+    # 3. optimizer: a fresh Adam for each stage (the union of --pretrain-on's masks, then WBC_<split>'s), cosine to 0
     stages = [("wbc", labelled.images, labelled.masks, epochs)]
     if pre and not (resume and resume["stage"] == "wbc"):
         images, masks = torch.cat([s.images for s in pre]), torch.cat([s.masks for s in pre])
@@ -167,8 +169,9 @@ def main(argv=None):
         stages.insert(0, ("pretrain", images, masks, 1 if args.dry_run else args.pretrain_epochs))
     log_rows, state = resume["log_rows"] if resume else [], resume   # state: what a resumed, ended stage leaves
     saved = f"the last good checkpoint is {ckpt_path}" if resume else "no checkpoint had been saved yet"
-    (args.out / "metrics.json").unlink(missing_ok=True)   # no old result stays beside this run's files, and no
-    shutil.rmtree(args.out / "masks", ignore_errors=True)   # old masks pass for this run's if it is killed
+    if RANK == 0:   # no old result stays beside this run's files, and no old masks pass for this run's if it is killed
+        (args.out / "metrics.json").unlink(missing_ok=True)
+        shutil.rmtree(args.out / "masks", ignore_errors=True)
     for stage, images, masks, stage_epochs in stages:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=cuda or None, foreach=not cuda or None)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=stage_epochs)
@@ -180,8 +183,8 @@ def main(argv=None):
         # 4. loop; checkpoint.pt and log.csv every --save-every epochs and at the stage's end, from finite weights
         for epoch in range(resume["epoch"] + 1 if resumed else 1, stage_epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
-            loss, err, speed, bad_step = train_one_epoch(forward, model, images, masks, optimizer, scaler,
-                                                         autocast, args)
+            loss, err, speed, bad_step = train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast,
+                                                         args)
             scheduler.step()
             if bad_step or not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
                 why = f"step {bad_step}: the loss is {loss}" if bad_step else "the weights became"
@@ -190,14 +193,16 @@ def main(argv=None):
             print(f"{stage} epoch {epoch}/{stage_epochs} | loss {loss:.4f} | pixel error {100 * err:.2f}% | "
                   f"lr {lr:.2e} | {speed:.0f} img/s", flush=True)
             log_rows.append(dict(stage=stage, epoch=epoch, loss=loss, pixel_error=err, lr=lr, img_s=speed))
-            state = dict(kind="masker", stage=stage, epoch=epoch, model=model.state_dict(), finished=False,
-                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                         log_rows=log_rows, args=args.plain, fingerprint=args.fingerprint,
-                         rng={"torch": torch.get_rng_state()})
-            if epoch % (args.save_every or max(1, stage_epochs // 20)) == 0 or epoch == stage_epochs:
+            state = dict(kind="masker", stage=stage, epoch=epoch, finished=False, args=args.plain, log_rows=log_rows,
+                         fingerprint=args.fingerprint, rng={"torch": torch.get_rng_state()}, model=model.state_dict(),
+                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict())
+            if (epoch % (args.save_every or max(1, stage_epochs // 20)) == 0 or epoch == stage_epochs) and RANK == 0:
                 save_checkpoint(state, ckpt_path)
                 save_csv(log_rows, args.out / "log.csv")
                 saved = f"the last good checkpoint is {ckpt_path} ({stage} epoch {epoch})"
+
+    if RANK > 0:
+        return None
 
     # 5. report: scores; a 0/255 mask of every image at its own size, written beside and swapped in whole
     scores = {name: mask_metrics(mask_counts(torch.sigmoid(infer(model, s.images, None, 64, device, autocast))
@@ -218,8 +223,7 @@ def main(argv=None):
     save_json(metrics, args.out / "metrics.json")
     for name, m in scores.items():
         print(f"{name}: pixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | Dice {m['dice']:.3f}")
-    print(f"wrote {ckpt_path}, {args.out / 'metrics.json'}, {args.out / 'log.csv'} and the masks of "
-          f"{len(train_all)} + {len(val_all)} images under {final}/{{train,val}}")
+    print(f"wrote checkpoint.pt, log.csv, metrics.json, masks/ ({len(train_all) + len(val_all)} images) to {args.out}")
     return metrics
 
 if __name__ == "__main__":
