@@ -41,7 +41,6 @@ def wbc_dirs(root, split):
 
 def is_image(path):
     return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")   # not .DS_Store's kin
-
 def is_ignored(name):   # hidden and tool folders (debris of macOS, Jupyter) are never classes
     return name.startswith(".") or name in ("__MACOSX", ".ipynb_checkpoints")
 
@@ -174,21 +173,17 @@ class ImageSet:
                         self.has_mask[idx], [self.paths[i] for i in pick], [self.sizes[i] for i in pick],
                         self.classes, self.fingerprint)
 
-def report_bad(bad, paths, what, skip_bad, log):
-    """Raise DataError listing every unreadable file, or (skip_bad) log them and go on."""
-    lines = "".join(f"\n  {paths[i]}: {why}" for i, why in sorted(bad.items()))
-    if bad and not skip_bad:
-        raise DataError(f"{len(bad)} unreadable {what} file(s) (fix or remove them, or pass --skip-bad):{lines}")
-    if bad:
-        log(f"skipped {len(bad)} unreadable {what} file(s):{lines}")
-
 def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_bad=False, log=print, need_masks=False):
     """<data_dir>/<Class>/<image> + the first <Class>/<stem>.* mask in mask_dirs, decoded; bad files stop it."""
     paths, labels, classes, ignored = scan_folder(data_dir, classes)
     if ignored:
         log(f"{data_dir}: ignored {ignored} hidden or non-image file(s)")
     images, shapes, bad = decode_all("image", paths, size, cache_dir, log)
-    report_bad(bad, paths, "image", skip_bad, log)
+    listing = "".join(f"\n  {paths[i]}: {why}" for i, why in sorted(bad.items()))   # every unreadable file
+    if bad and not skip_bad:
+        raise DataError(f"{len(bad)} unreadable image file(s) (fix or remove them, or pass --skip-bad):{listing}")
+    if bad:
+        log(f"skipped {len(bad)} unreadable image file(s):{listing}")
     found = {}   # (class, stem) -> its mask in the first of mask_dirs that has one
     for f in (f for d in map(Path, mask_dirs) if d.is_dir() for f in sorted(d.glob("*/*")) if is_image(f)):
         found.setdefault((f.parent.name, f.stem), f)
@@ -200,7 +195,9 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
     masks, has = None, torch.zeros(len(paths), dtype=torch.bool)
     if where:
         decoded, mask_shapes, mask_bad = decode_all("mask", [mask_paths[i] for i in where], size, cache_dir, log)
-        report_bad(mask_bad, [mask_paths[i] for i in where], "mask", True, log)   # a bad mask: that image has none
+        if mask_bad:   # a bad mask: that image has none
+            log(f"skipped {len(mask_bad)} unreadable mask file(s):" + "".join(f"\n  {mask_paths[where[j]]}: {why}"
+                                                                             for j, why in sorted(mask_bad.items())))
         masks = torch.zeros(len(paths), 1, size, size, dtype=torch.uint8)
         masks[where] = torch.from_numpy(decoded)
         has[[i for j, i in enumerate(where) if j not in mask_bad]] = True
@@ -248,11 +245,10 @@ def infer(model, images, masks=None, batch_size=64, device="cpu", autocast=None,
 
 def augment(x, m=None, zoom=(0.75, 1.0), jitter=0.2, stain=0.0, blur=0.0):
     """x (B, 3, S, S) in [0, 1], m (B, 1, S, S) or None. Per sample: a crop of side `zoom` (> 1 zooms out), flips,
-    brightness/contrast/saturation jitter; `stain`: hue turned by up to stain*180 degrees, saturation x(1 +- stain),
-    grey with probability stain/4; `blur`: Gaussian of sigma up to `blur` px. The mask follows the geometry (nearest:
-    stays 0/1). Draws from torch's CPU RNG (the same on any device), only for the switches that are on."""
+    brightness/contrast/saturation jitter; `stain`: hue turned up to stain*180 degrees, saturation x(1 +- stain), grey
+    with probability stain/4; `blur`: Gaussian of sigma <= `blur` px. The mask follows (nearest: stays 0/1)."""
     b = x.shape[0]
-    scale = torch.empty(b).uniform_(*zoom)
+    scale = torch.empty(b).uniform_(*zoom)   # torch's CPU RNG: the same draws on any device
     shift = (torch.rand(b, 2) * 2 - 1) * (1 - scale).clamp_min(0)[:, None]   # a crop stays inside the image
     flip = torch.where(torch.rand(b, 2) < 0.5, -1.0, 1.0)                    # (x-flip, y-flip)
     theta = torch.zeros(b, 2, 3)
@@ -301,12 +297,10 @@ def atomic_write(path, write):
 
 def save_checkpoint(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
-
 def save_json(obj, path):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
-def save_csv(rows, path):
-    """Same-keyed dicts -> CSV with a header row."""
+def save_csv(rows, path):   # same-keyed dicts, a header row
     writer = csv.DictWriter(text := io.StringIO(), fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
@@ -316,8 +310,9 @@ def save_mask_png(mask, path):
     """(H, W) bool or 0/1 mask -> 0/255 PNG."""
     atomic_write(path, lambda f: Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).save(f, format="PNG"))
 
-def load_checkpoint(path, required=("model", "args")):
-    """torch.load(weights_only=True): no code in a checkpoint ever runs. Errors name the file."""
+def load_checkpoint(path, required=(), resume_with=None, may_change=()):
+    """torch.load(weights_only=True): no code in a checkpoint ever runs. Errors name the file. resume_with: flags of a
+    run resuming it, refused if the checkpoint's run had other values (but for may_change) or has finished."""
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
         raise SystemExit(f"{path}: checkpoint {'is empty (0 bytes)' if path.is_file() else 'not found'}")
@@ -327,11 +322,16 @@ def load_checkpoint(path, required=("model", "args")):
         refused = re.search(r"GLOBAL (\S+)", str(e))   # torch suggests an unsafe retry that would run the code
         why = str(e).strip().split(". ")[0][:200] + (f"; refused {refused[1]}" if refused else "")
         raise SystemExit(f"{path}: not a loadable checkpoint ({type(e).__name__}: {why})") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
-        raise SystemExit(f"{path}: not a checkpoint of this repo (expected a dict with keys {list(required)})")
-    if isinstance(ckpt["model"], dict) and all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
-        return ckpt
-    raise SystemExit(f"{path}: its 'model' entry is not a state dict (name -> tensor)")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in ("model", "args", *required)):
+        raise SystemExit(f"{path}: not a checkpoint of this repo (expected a dict with keys model, args, {required})")
+    if not (isinstance(ckpt["model"], dict) and all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())):
+        raise SystemExit(f"{path}: its 'model' entry is not a state dict (name -> tensor)")
+    differ = [f"--{k.replace('_', '-')} ({ckpt['args'].get(k)!r} then, {v!r} now)" for k, v in
+              (resume_with or {}).items() if k not in may_change and ckpt["args"].get(k) != v]
+    if differ or (resume_with and ckpt.get("finished")):   # another run's state would give neither run's result
+        raise SystemExit(f"--resume: {path} " + (f"was written with other {', '.join(differ)}; rerun with the same "
+                                                 "flags" if differ else "is of a finished run") + " or another --out")
+    return ckpt
 
 def claim_folder(out):
     """Make and lock `out` (a second live run is refused; the OS drops a dead run's lock); clear its temp files."""

@@ -51,8 +51,10 @@ def load_backbone(module, state, source="state dict"):
     our classifier ("backbone.*") or the encoder of our masker ("encoder.*") from their state dicts.
 
     conv1 may have a 4th input channel: its RGB filters come from `state`, the 4th stays as is.
-    Raises SystemExit naming `source` when keys or shapes don't match.
+    Raises SystemExit naming `source` when keys or shapes don't match. state None: nothing to load (random init).
     """
+    if state is None:
+        return
     prefix = next((p for p in ("backbone.", "encoder.") if any(k.startswith(p) for k in state)), "")
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
@@ -109,6 +111,5 @@ class ResNetClassifier(nn.Module):
 def build_classifier(num_classes, in_channels=3, state=None, source="state dict"):
     """A ResNetClassifier, its backbone loaded from a torchvision resnet34 state dict when one is given."""
     model = ResNetClassifier(num_classes, in_channels)
-    if state is not None:
-        load_backbone(model.backbone, state, source=str(source))
+    load_backbone(model.backbone, state, source=str(source))
     return model

@@ -61,7 +61,7 @@ def cam_inside(maps, classes, masks):
 
 def load_run(folder, device):
     """(model giving logit maps, checkpoint, mask channel?, load_val's 5-tuple) of a finished classifier run."""
-    ckpt = load_checkpoint(Path(folder) / "checkpoint.pt", ("model", "args", "classes"))
+    ckpt = load_checkpoint(Path(folder) / "checkpoint.pt", ("classes",))
     run, channel = ckpt["args"], ckpt["args"].get("mask_mode") == "channel"   # only keys every version has
     model = ResNetClassifier(len(ckpt["classes"]), 4 if channel else 3)
     model.load_state_dict(ckpt["model"])

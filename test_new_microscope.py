@@ -87,7 +87,7 @@ def test_pretrain_on_the_union_of_several_roots(tmp_path, capsys):
     other = tiny_wbc(tmp_path / "other_lab", n_train=2)          # another WBC dataset: its WBC_100/train
     cam = cam16_like(tmp_path / "cam")                            # a CAM16-like folder: its train/
     train_masker.main(run_argv(wbc, tmp_path / "out", "--dry-run", "--pretrain-on", str(cam), str(other)))
-    assert f"pretrain on 7 masks of {cam} + {other}" in capsys.readouterr().out   # 3 + 2 x 2 classes
+    assert "pretrain on 7 masks for 1 epochs" in capsys.readouterr().out   # 3 + 2 x 2 classes
 
 
 def test_pretrain_on_own_split_masks_is_refused(tmp_path):

@@ -538,11 +538,11 @@ def test_clip_grad_clips_every_step(wbc, tmp_path, monkeypatch):
     (train_classifier, ["--clip-grad", "-1"], "--clip-grad >= 0"),
     (train_classifier, ["--mask-mode", "pixels"], "argument --mask-mode: invalid choice: 'pixels'"),
     (train_masker, ["--split", "7"], "argument --split: invalid choice: 7"),
-    (train_masker, ["--size", "70"], "--size 70: the UNet needs a positive multiple of 32"),
+    (train_masker, ["--size", "70"], "need --size a multiple of 32 (the UNet)"),
     (train_masker, ["--holdout", "1"], "--holdout in [0, 1)"),
     (train_masker, ["--pretrained", "--weights", "w.pt"], "not allowed with argument"),
     (train_masker, ["--threshold", "2"], "--threshold in [0, 1]"),
-    (train_masker, ["--save-every", "-1"], "--seed and --save-every >= 0"),
+    (train_masker, ["--save-every", "-1"], "--seed, --save-every >= 0"),
     (evaluate, ["--pred-masks", "p"], "--pred-masks and --true-masks go together"),
     (evaluate, [], "give a checkpoint, or --pred-masks and --true-masks"),
 ])

@@ -129,13 +129,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)   # shuffling, augmentation and init draw from torch's CPU RNG alone
     print(f"device {device} x {WORLD} | amp {amp} | size {args.size} | {setting_name(args)} | out {args.out}")
     claim_folder(args.out) if RANK == 0 else None   # refuses a second live run on the same folder
-    resume = load_checkpoint(ckpt_path, ("model", "args", "optimizer", "rng", "fingerprint")) if args.resume else None
-    plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
-    differ = [f"--{k.replace('_', '-')} ({resume['args'].get(k)!r} then, {v!r} now)" for k, v in plain_args.items()
-              if resume and k not in MAY_CHANGE and resume["args"].get(k) != v]
-    if differ or (resume and resume["finished"]):
-        sys.exit(f"--resume: {ckpt_path} " + (f"was written with other {', '.join(differ)}; rerun with the same flags"
-                                              if differ else "is of a finished run") + " or use another --out")
+    plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
+    resume = load_checkpoint(ckpt_path, ("optimizer", "rng", "fingerprint"), plain, MAY_CHANGE) if args.resume else None
     init = load_checkpoint(args.init)["model"] if args.init and not resume else None   # files before any decoding:
     weights = resnet34_state_dict(args.pretrained, args.weights) if not resume else None   # a bad one fails fast
 
@@ -195,7 +190,7 @@ def main(argv=None):
         log_rows.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_loss": val_loss,
                          "val_acc": val_acc, "lr": lr, "img_s": speed, "empty_weight_share": empty})
         state = dict(kind="classifier", model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
-                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epochs=epochs, args=plain_args,
+                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epochs=epochs, args=plain,
                      finished=epoch == epochs, log_rows=log_rows, classes=train.classes, fingerprint=train.fingerprint,
                      rng={"torch": torch.get_rng_state()})   # CUDA's RNG: never drawn from
         if epoch % every == 0 and epoch < epochs and RANK == 0:   # the last epoch's is saved with the report

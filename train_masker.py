@@ -2,7 +2,6 @@
 
     python train_masker.py --split 10                              # WBC_10's masks, center loss, 224 px
     python train_masker.py --split 100 --pretrain-on data/CAM16    # any roots with masks first, then WBC_100's
-    torchrun --nproc-per-node 8 train_masker.py --split 100        # data-parallel: 8 GPUs share each batch
 
 Writes to --out: checkpoint.pt (also every --save-every epochs, for --resume), log.csv, metrics.json and
 masks/{train,val}/<Class>/<stem>.png (0/255, at each image's size) of WBC_<split>/train and WBC_100/val."""
@@ -35,9 +34,10 @@ def parse_args(argv=None):
     g.add_argument("--cache", default=".cache/decoded", help="decoded-image cache folder ('none' = off)")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
     g = p.add_argument_group("pretraining")
-    g.add_argument("--pretrain-on", nargs="+", default=[], metavar="ROOT", help="pretrain on the masks of ROOT/train "
-                   "(e.g. data/CAM16), ROOT/WBC_100/train or ROOT/CAM16/train first, all ROOTs together")
+    g.add_argument("--pretrain-on", nargs="+", default=[], metavar="ROOT", help="first train on the masks of all ROOTs "
+                   "together: ROOT/train (e.g. data/CAM16), ROOT/WBC_100/train or ROOT/CAM16/train")
     g.add_argument("--pretrain-epochs", type=int, default=10, help="epochs of pretraining")
+    g.add_argument("--replay", type=int, default=0, metavar="N", help="fine-tune on those too, the split's N times")
     start = g.add_mutually_exclusive_group()   # each sets the encoder's starting weights
     start.add_argument("--pretrained", action="store_true", help="ImageNet encoder (torchvision download)")
     start.add_argument("--weights", help="local torchvision resnet34 state dict for the encoder")
@@ -62,15 +62,15 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue the killed run in --out, with the same flags")
     g.add_argument("--dry-run", action="store_true", help="one batch, one epoch a stage, outputs under runs/dry_run")
     args = p.parse_args(argv)
-    if args.size < 32 or args.size % 32:
-        p.error(f"--size {args.size}: the UNet needs a positive multiple of 32")
-    numbers = (args.lr > 0, args.clip_grad >= 0, 0 <= args.threshold <= 1, 0 <= args.holdout < 1, 0 <= args.stain <= 1,
-               args.blur >= 0, 0 < args.zoom[0] <= args.zoom[1], min(args.epochs, args.pretrain_epochs) >= 1,
-               min(args.seed, args.save_every) >= 0, args.batch_size >= 2 * WORLD and args.batch_size % WORLD == 0)
+    numbers = (args.size >= 32 and args.size % 32 == 0, args.lr > 0, args.clip_grad >= 0, 0 <= args.threshold <= 1,
+               0 <= args.holdout < 1, 0 <= args.stain <= 1, args.blur >= 0, 0 < args.zoom[0] <= args.zoom[1],
+               min(args.epochs, args.pretrain_epochs, args.seed + 1, args.save_every + 1) >= 1, args.replay >= 0,
+               args.batch_size >= 2 * WORLD and args.batch_size % WORLD == 0, bool(args.pretrain_on) or not args.replay)
     if not all(numbers) or not all(map(math.isfinite, (args.lr, args.clip_grad, args.blur, *args.zoom))):
-        p.error(f"need finite --lr > 0, --clip-grad >= 0, --threshold in [0, 1], --holdout in [0, 1), --stain in [0, 1]"
-                f", --blur >= 0, 0 < --zoom LO <= HI, --epochs, --pretrain-epochs >= 1, --seed and --save-every >= 0, "
-                f"--batch-size >= 2 per process (BatchNorm) x {WORLD}")
+        p.error(f"need --size a multiple of 32 (the UNet), finite --lr > 0, --clip-grad >= 0, --threshold in [0, 1], "
+                f"--holdout in [0, 1), --stain in [0, 1], --blur >= 0, 0 < --zoom LO <= HI, --epochs, --pretrain-epochs"
+                f" >= 1, --seed, --save-every >= 0, --batch-size >= 2 per process (BatchNorm) x {WORLD}, --replay >= 0 "
+                f"with --pretrain-on")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device != "cpu" and not torch.cuda.is_available()):
         p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")
@@ -99,8 +99,7 @@ def train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         scaler.step(optimizer)
         scaler.update()
-        wrong = ((logits.detach() > 0) != (m > 0.5)).float().mean((1, 2, 3)).sum()   # pixel error, summed over images
-        totals += torch.stack([loss.detach() * len(m), wrong])
+        totals += torch.stack([loss.detach(), ((logits.detach() > 0) != m.bool()).float().mean()]) * len(m)   # sums
     torch.distributed.all_reduce(totals) if WORLD > 1 else None   # loss and pixel error: sums over every process
     seen = sum(len(idx) for idx in batches)
     return (*(totals / seen).tolist(), seen / (time.perf_counter() - start), int(bad_step))
@@ -120,13 +119,8 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")   # fp16 gradients underflow without it
     print(f"device {device} x {WORLD} | amp {amp} | size {args.size} | loss {args.loss} | out {args.out}")
     claim_folder(args.out) if RANK == 0 else None   # refuses a second live run on the same folder
-    resume = load_checkpoint(ckpt_path, ("model", "args", "optimizer", "rng", "stage")) if args.resume else None
     args.plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
-    differ = [f"--{k.replace('_', '-')} ({resume['args'].get(k)!r} then, {v!r} now)" for k, v in args.plain.items()
-              if resume and k not in MAY_CHANGE and resume["args"].get(k) != v]
-    if differ or (resume and resume["finished"]):   # continuing another run's state gives neither run's result
-        sys.exit(f"--resume: {ckpt_path} " + (f"was written with other {', '.join(differ)}; rerun with the same flags"
-                                              if differ else "is of a finished run") + " or use another --out")
+    resume = load_checkpoint(ckpt_path, ("optimizer", "rng", "stage"), args.plain, MAY_CHANGE) if args.resume else None
     weights = resnet34_state_dict(args.pretrained, args.weights) if not resume else None   # before any decoding
 
     # 1. data: the masks of WBC_<split> (and of --pretrain-on), a held-out set, every image to draw a mask for
@@ -134,11 +128,10 @@ def main(argv=None):
     train_all = load_set(dirs["train_data"], args.size, None, [dirs["train_mask"]], cache, args.skip_bad)
     val_all = load_set(dirs["val_data"], args.size, train_all.classes, [dirs["val_mask"]], cache, args.skip_bad)
     labelled, held_out = train_all.subset(train_all.has_mask), val_all.subset(val_all.has_mask)
-    held_name = "WBC_100/val/mask"   # or, without masks there, a seeded share of WBC_<split>'s, never trained on
-    if not held_out and args.holdout and len(labelled) > 1:
+    if not held_out and args.holdout and len(labelled) > 1:   # no masks in WBC_100/val: a seeded share held out
         order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(args.seed))
         keep = order >= max(1, round(args.holdout * len(labelled)))
-        held_out, labelled, held_name = labelled.subset(~keep), labelled.subset(keep), f"--holdout {args.holdout}"
+        held_out, labelled = labelled.subset(~keep), labelled.subset(keep)
     pre = [s.subset(s.has_mask) for s in (load_set(d, args.size, None, [m], cache, args.skip_bad) for d, m in sources)]
     for n, where in ((len(labelled), dirs["train_mask"]), *((len(s), src[1]) for s, src in zip(pre, sources))):
         if n < 2:   # BatchNorm cannot train on a batch of one
@@ -148,13 +141,10 @@ def main(argv=None):
         sys.exit(f"--resume: {ckpt_path} was trained on other files (images or masks changed since); start afresh")
     n_full = sum(1 for _ in Path(args.data, "WBC_100", "train", "mask").glob("*/*")) or len(labelled)
     epochs = 1 if args.dry_run else max(1, round(args.epochs * n_full / len(labelled)))   # same epochs x images
-    print(f"fine-tune on {len(labelled)} masks of WBC_{args.split} for {epochs} epochs; held out: "
-          + (f"{len(held_out)} masks ({held_name})" if held_out else "none"))
 
     # 2. model: a UNet whose encoder is a torchvision resnet34 (ImageNet or a file, or random; resumed: its own)
     model = UNet()
-    if weights is not None:
-        load_backbone(model.encoder, weights, args.weights or "ImageNet weights")
+    load_backbone(model.encoder, weights, args.weights or "ImageNet weights")   # weights None: random init
     model = model.to(device, memory_format=torch.channels_last)   # NHWC: faster convolutions on GPUs and CPUs
     net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model   # same init on every rank
     forward = torch.compile(net) if args.compile else net
@@ -162,17 +152,17 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32-like accuracy, faster
 
     # 3. optimizer: a fresh Adam for each stage (the union of --pretrain-on's masks, then WBC_<split>'s), cosine to 0
-    stages = [("wbc", labelled.images, labelled.masks, epochs)]
-    if pre and not (resume and resume["stage"] == "wbc"):
-        images, masks = torch.cat([s.images for s in pre]), torch.cat([s.masks for s in pre])
-        print(f"pretrain on {len(images)} masks of {' + '.join(args.pretrain_on)} for {args.pretrain_epochs} epochs")
-        stages.insert(0, ("pretrain", images, masks, 1 if args.dry_run else args.pretrain_epochs))
+    cat = lambda sets: (torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]))   # noqa: E731
+    stages = [("pretrain", *cat(pre), 1 if args.dry_run else args.pretrain_epochs)] if pre else []
+    stages += [("wbc", *cat([labelled] * max(1, args.replay) + pre * (args.replay > 0)), epochs)]   # --replay: pre too
+    stages = stages[1:] if resume and resume["stage"] == "wbc" else stages   # a resumed run past pretraining
     log_rows, state = resume["log_rows"] if resume else [], resume   # state: what a resumed, ended stage leaves
     saved = f"the last good checkpoint is {ckpt_path}" if resume else "no checkpoint had been saved yet"
     if RANK == 0:   # no old result stays beside this run's files, and no old masks pass for this run's if it is killed
         (args.out / "metrics.json").unlink(missing_ok=True)
         shutil.rmtree(args.out / "masks", ignore_errors=True)
     for stage, images, masks, stage_epochs in stages:
+        print(f"{stage} on {len(images)} masks for {stage_epochs} epochs; {len(held_out)} held out")
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=cuda or None, foreach=not cuda or None)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=stage_epochs)
         resumed = resume is not None and resume["stage"] == stage   # the killed stage goes on where it stopped
@@ -183,13 +173,11 @@ def main(argv=None):
         # 4. loop; checkpoint.pt and log.csv every --save-every epochs and at the stage's end, from finite weights
         for epoch in range(resume["epoch"] + 1 if resumed else 1, stage_epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
-            loss, err, speed, bad_step = train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast,
-                                                         args)
+            loss, err, speed, bad = train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, args)
             scheduler.step()
-            if bad_step or not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
-                why = f"step {bad_step}: the loss is {loss}" if bad_step else "the weights became"
-                sys.exit(f"error: {stage} epoch {epoch}/{stage_epochs} {why} (not finite); stopped, {saved}. "
-                         f"Try a lower --lr or --clip-grad")
+            if bad or not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+                why = f"step {bad}: the loss is {loss}" if bad else "the weights are"
+                sys.exit(f"error: {stage} epoch {epoch}/{stage_epochs} {why} (not finite); stopped, {saved}")
             print(f"{stage} epoch {epoch}/{stage_epochs} | loss {loss:.4f} | pixel error {100 * err:.2f}% | "
                   f"lr {lr:.2e} | {speed:.0f} img/s", flush=True)
             log_rows.append(dict(stage=stage, epoch=epoch, loss=loss, pixel_error=err, lr=lr, img_s=speed))
@@ -211,18 +199,16 @@ def main(argv=None):
     metrics = scores | dict(split=args.split, loss=args.loss, pretrain_on=args.pretrain_on, n_masks=len(labelled),
                             epochs=epochs)
     save_checkpoint(state | {"finished": True, "metrics": metrics}, ckpt_path)
-    new, final = args.out / ".masks.new", args.out / "masks"
-    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(new := args.out / ".masks.new", ignore_errors=True)
     for part, image_set in (("train", train_all), ("val", val_all)):
         prob = torch.sigmoid(infer(model, image_set.images, None, 64, device, autocast))   # (N, 1, S, S)
         for i, (path, (w, h), y) in enumerate(zip(image_set.paths, image_set.sizes, image_set.labels)):
             full = torch.nn.functional.interpolate(prob[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)
             save_mask_png(full[0, 0] > args.threshold, new / part / image_set.classes[y] / f"{path.stem}.png")
-    shutil.rmtree(final, ignore_errors=True)   # a kill here leaves no masks, never a mix of two runs'
-    os.replace(new, final)
+    shutil.rmtree(args.out / "masks", ignore_errors=True)   # a kill here leaves no masks, never a mix of two runs'
+    os.replace(new, args.out / "masks")
     save_json(metrics, args.out / "metrics.json")
-    for name, m in scores.items():
-        print(f"{name}: pixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | Dice {m['dice']:.3f}")
+    print(" | ".join(f"{k}: Dice {m['dice']:.3f}, pixel error {m['pixel_error']:.2%}" for k, m in scores.items()))
     print(f"wrote checkpoint.pt, log.csv, metrics.json, masks/ ({len(train_all) + len(val_all)} images) to {args.out}")
     return metrics
 
