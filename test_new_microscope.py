@@ -92,7 +92,7 @@ def test_pretrain_on_the_union_of_several_roots(tmp_path, capsys):
 
 def test_pretrain_on_own_split_masks_is_refused(tmp_path):
     wbc = tiny_wbc(tmp_path / "d")
-    with pytest.raises(DataError, match="masks of the dataset being trained"):
+    with pytest.raises(DataError, match="holds the trained dataset.s masks: over the split.s budget"):
         mask_root(wbc, wbc)
     with pytest.raises(DataError, match="no train/mask"):
         mask_root(tmp_path, wbc)

@@ -82,7 +82,8 @@ def run(setup, name, script, *extra, procs=1, **env):
 
 
 def load(record, rank=0):
-    return json.loads((record / f"rank{rank}.json").read_text()), torch.load(record / f"rank{rank}.pt", weights_only=True)
+    weights = torch.load(record / f"rank{rank}.pt", weights_only=True)
+    return json.loads((record / f"rank{rank}.json").read_text()), weights
 
 
 def share_differing(a, b, tol=1e-4):
@@ -104,8 +105,9 @@ def test_two_processes_split_each_batch_and_match_one_process(setup, script):
     assert len(rec0["seen"]) == len(rec1["seen"]) == len(one["seen"]) >= 4
     for mine, theirs, whole in zip(rec0["seen"], rec1["seen"], one["seen"]):
         assert mine + theirs == whole and not set(mine) & set(theirs) and len(mine) == len(theirs) == 4
-    # one model: every weight and BatchNorm statistic equal on both ranks
-    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    # one model: every weight equal on both ranks (BatchNorm's running statistics are each process's own; DDP
+    # copies rank 0's to the others before each step, and rank 0 saves them)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0 if "running_" not in k and "num_batches" not in k)
     # rank 0 alone wrote (its lock, checkpoint, log, metrics and, for the masker, the masks); rank 1 nothing
     assert rec1["writes"] == []
     wrote = {Path(w.split()[-1]).name for w in rec0["writes"]}
