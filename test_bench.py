@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
+import bench
+
 HERE = Path(__file__).resolve().parent
 TINY = ["--models", "classifier", "--device", "cpu", "--size", "32", "--batch-size", "2", "--images", "4",
         "--steps", "1", "--epochs", "2", "--workers", "0", "--peak-seconds", "0.1"]
 PER_MODEL = ("model_step", "our_loop", "naive_loop", "b_over_a", "b_over_c", "flops_per_image", "peak_share")
 
 
-def bench(args, tmp_path):
+def run_bench(args, tmp_path):
     """Run bench.py in a subprocess with one thread each (spinning OpenMP threads slow a busy machine down)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(HERE / "bench.py"), *args], cwd=tmp_path, env=env,
@@ -28,7 +30,7 @@ def positive(x):
 
 
 def test_bench_writes_every_figure(tmp_path):
-    done = bench(TINY + ["--json", str(tmp_path / "b.json"), "--out", str(tmp_path / "out")], tmp_path)
+    done = run_bench(TINY + ["--json", str(tmp_path / "b.json"), "--out", str(tmp_path / "out")], tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved == json.loads((tmp_path / "out" / "bench.json").read_text())
@@ -44,9 +46,10 @@ def test_bench_writes_every_figure(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--size", "48"], ["--models", "vit"], ["--images", "8", "--batch-size", "8"]])
-def test_bad_flags_are_refused(argv, tmp_path):
-    done = bench(argv, tmp_path)
-    assert done.returncode == 2 and "error" in done.stderr
+def test_bad_flags_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)   # in process: a script's flags are checked before it runs anything
+    assert e.value.code == 2 and "error" in capsys.readouterr().err
 
 
 def test_imports_only_leaves():

@@ -90,6 +90,17 @@ def test_pretrain_on_the_union_of_several_roots(tmp_path, capsys):
     assert "pretrain on 7 masks for 1 epochs" in capsys.readouterr().out   # 3 + 2 x 2 classes
 
 
+@pytest.mark.parametrize("replay,fine_tuned_on", [(0, 6), (2, 2 * 6 + 3)])
+def test_replay_keeps_the_pretraining_masks_in_fine_tuning(tmp_path, capsys, replay, fine_tuned_on):
+    """--replay N: the fine-tuning stage trains on the split's 6 masks N times plus the 3 pretraining masks."""
+    wbc, cam = tiny_wbc(tmp_path / "d"), cam16_like(tmp_path / "cam")
+    metrics = train_masker.main(run_argv(wbc, tmp_path / "out", "--dry-run", "--pretrain-on", str(cam),
+                                         "--replay", str(replay)))
+    assert f"wbc on {fine_tuned_on} masks for 1 epochs" in capsys.readouterr().out and metrics["n_masks"] == 6
+    with pytest.raises(SystemExit):   # nothing to replay without --pretrain-on
+        train_masker.parse_args(["--replay", "2"])
+
+
 def test_pretrain_on_own_split_masks_is_refused(tmp_path):
     wbc = tiny_wbc(tmp_path / "d")
     with pytest.raises(DataError, match="holds the trained dataset.s masks: over the split.s budget"):
