@@ -21,8 +21,8 @@ from losses import MASKER_LOSSES, mask_counts, mask_metrics
 from resnet_cls import load_backbone, resnet34_state_dict
 from unet import UNet
 
-MAY_CHANGE = ("cache", "skip_bad", "amp", "compile", "device", "out", "save_every", "resume", "threshold")   # --resume
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))   # torchrun sets them
+MAY_CHANGE = ("cache", "skip_bad", "amp", "compile", "device", "out", "save_every", "resume", "threshold")   # --resume
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,10 +80,10 @@ def parse_args(argv=None):
 def train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, args):
     """One pass over uint8 images (N, 3, S, S), masks (N, 1, S, S) (one batch with --dry-run), this process on its
     share of each batch. Returns loss, pixel error, img/s, the 1-based step of the first non-finite loss (0: none)."""
-    model.train()
-    totals, bad_step = torch.zeros(2, device=args.device), torch.zeros((), device=args.device)   # no host syncs
-    batches = batch_indices(len(images), args.batch_size, shuffle=True, drop_last=True)[:1 if args.dry_run else None]
     start = time.perf_counter()
+    model.train()
+    batches = batch_indices(len(images), args.batch_size, shuffle=True, drop_last=True)[:1 if args.dry_run else None]
+    totals, bad_step = torch.zeros(2, device=args.device), torch.zeros((), device=args.device)   # no host syncs
     for step, idx in enumerate(batches, 1):
         mine = slice(RANK * len(idx) // WORLD, (RANK + 1) * len(idx) // WORLD)   # this process's rows of the batch
         x, m = make_batch(images, masks, idx, args.device, True, aug=dict(zoom=args.zoom, stain=args.stain,
