@@ -66,7 +66,7 @@ def parse_args(argv=None):
                args.size >= 32, args.batch_size >= 2 * WORLD and args.batch_size % WORLD == 0)
     if not all(numbers):
         p.error(f"need finite --lr > 0, --clip-grad >= 0, --stain in [0, 1], --blur >= 0, 0 < --zoom LO <= HI, --epochs"
-                f" >= 1, --seed, --save-every >= 0, --size >= 32, --batch-size >= 2 per process (BatchNorm) x {WORLD}")
+                f" >= 1, --seed, --save-every >= 0, --size >= 32, --batch-size 2+ (BatchNorm) x {WORLD} process(es)")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device != "cpu" and not torch.cuda.is_available()):
         p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")

@@ -69,8 +69,8 @@ def parse_args(argv=None):
     if not all(numbers) or not all(map(math.isfinite, (args.lr, args.clip_grad, args.blur, *args.zoom))):
         p.error(f"need --size a multiple of 32 (the UNet), finite --lr > 0, --clip-grad >= 0, --threshold in [0, 1], "
                 f"--holdout in [0, 1), --stain in [0, 1], --blur >= 0, 0 < --zoom LO <= HI, --epochs, --pretrain-epochs"
-                f" >= 1, --seed, --save-every >= 0, --batch-size >= 2 per process (BatchNorm) x {WORLD}, --replay >= 0 "
-                f"with --pretrain-on")
+                f" >= 1, --seed, --save-every >= 0, --replay >= 0 with --pretrain-on, --batch-size 2+ (BatchNorm) x "
+                f"{WORLD} process(es)")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device != "cpu" and not torch.cuda.is_available()):
         p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")
@@ -86,8 +86,8 @@ def train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, 
     totals, bad_step = torch.zeros(2, device=args.device), torch.zeros((), device=args.device)   # no host syncs
     for step, idx in enumerate(batches, 1):
         mine = slice(RANK * len(idx) // WORLD, (RANK + 1) * len(idx) // WORLD)   # this process's rows of the batch
-        x, m = make_batch(images, masks, idx, args.device, True, aug=dict(zoom=args.zoom, stain=args.stain,
-                                                                          blur=args.blur), part=mine)
+        x, m = make_batch(images, masks, idx, args.device, train=True, part=mine,
+                          aug=dict(zoom=args.zoom, stain=args.stain, blur=args.blur))
         with autocast:
             logits = forward(x)                                            # (B, 1, S, S)
         loss = MASKER_LOSSES[args.loss](logits, m)
