@@ -43,6 +43,9 @@ def is_image(path):
     return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")   # not .DS_Store's kin
 def is_ignored(name):   # hidden and tool folders (debris of macOS, Jupyter) are never classes
     return name.startswith(".") or name in ("__MACOSX", ".ipynb_checkpoints")
+def list_images(folder):   # every image under `folder`, any depth, sorted; hidden and tool folders skipped
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image(p)
+                  and not any(is_ignored(part) for part in p.relative_to(folder).parts))
 
 def scan_folder(folder, classes=None):
     """(paths, labels, classes, ignored) of <folder>/<Class>/<image>; classes=None: its sub-folders, sorted."""
@@ -306,15 +309,13 @@ def save_csv(rows, path):   # same-keyed dicts, a header row
     writer.writerows(rows)
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
-def save_mask_png(mask, path):
-    """(H, W) bool or 0/1 mask -> 0/255 PNG."""
+def save_mask_png(mask, path):   # (H, W) bool or 0/1 mask -> 0/255 PNG
     atomic_write(path, lambda f: Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).save(f, format="PNG"))
 
 def load_checkpoint(path, required=(), resume_with=None, may_change=()):
     """torch.load(weights_only=True): no code in a checkpoint ever runs. Errors name the file. resume_with: flags of a
     run resuming it, refused if the checkpoint's run had other values (but for may_change) or has finished."""
-    path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
+    if not (path := Path(path)).is_file() or path.stat().st_size == 0:
         raise SystemExit(f"{path}: checkpoint {'is empty (0 bytes)' if path.is_file() else 'not found'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -335,11 +336,10 @@ def load_checkpoint(path, required=(), resume_with=None, may_change=()):
 
 def claim_folder(out):
     """Make and lock `out` (a second live run is refused; the OS drops a dead run's lock); clear its temp files."""
-    out = Path(out)
     while HELD:
         HELD.pop().close()
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        (out := Path(out)).mkdir(parents=True, exist_ok=True)
         HELD.append(lock := open(out / ".lock", "w"))
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

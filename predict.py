@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (DataError, atomic_write, decode_all, infer, is_ignored, is_image, load_checkpoint, make_batch,
-                  save_csv, save_json, save_mask_png)
+from data import (DataError, atomic_write, decode_all, infer, list_images, load_checkpoint, make_batch, save_csv,
+                  save_json, save_mask_png)
 from losses import classification_metrics, confusion_matrix, mask_counts, mask_metrics
 from resnet_cls import ResNetClassifier
 from unet import UNet
@@ -99,8 +99,7 @@ def main(argv=None):
     folder, out = Path(args.folder), Path(args.out)
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p)   # hidden and tool folders skipped
-                   and not any(is_ignored(part) for part in p.relative_to(folder).parts))
+    paths = list_images(folder)
     if not paths:
         raise DataError(f"{folder}: no images ({', '.join(sorted(('.jpg', '.png', '.bmp', '.tif')))}...)")
     names = [str(p.relative_to(folder)) for p in paths]

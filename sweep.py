@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from data import DataError, is_image, load_checkpoint, save_checkpoint, save_json, wbc_dirs
+from data import DataError, list_images, load_checkpoint, save_checkpoint, save_json, wbc_dirs
 from synth import write_synth
 
 BASE_SETTINGS = {"nomask": [], "alpha0_1": ["--alpha", "0", "1"], "alpha1_0": ["--alpha", "1", "0"],   # as named by
@@ -118,13 +118,12 @@ def sha1_of(path, mtime_ns, size):
 
 def check_leakage(data_root, split, masks_dir):
     """A record with 'ok': no val image (sha1) in WBC_<split>'s train images or masks; its own masker's masks."""
-    dirs = wbc_dirs(data_root, split)
-    under = lambda f: sorted(p for p in Path(f).rglob("*") if p.is_file() and is_image(p))   # noqa: E731 - any depth
+    dirs = wbc_dirs(data_root, split)   # list_images: any depth; a missing folder holds none
     digest = lambda p: sha1_of(str(p), os.stat(p).st_mtime_ns, os.stat(p).st_size)   # noqa: E731
-    val = {digest(p): p for p in under(dirs["val_data"])}
-    train, generated = under(dirs["train_data"]), under(Path(masks_dir) / "train")
+    val = {digest(p): p for p in list_images(dirs["val_data"])}
+    train, generated = list_images(dirs["train_data"]), list_images(Path(masks_dir) / "train")
     in_images, in_masks = ([f"{p} == {val[h]}" for p in files if (h := digest(p)) in val]
-                           for files in (train, under(dirs["train_mask"]) + generated))
+                           for files in (train, list_images(dirs["train_mask"]) + generated))
     want, have = {(p.parent.name, p.stem) for p in train}, {(p.parent.name, p.stem) for p in generated}
     masker_split = read_json(Path(masks_dir).parent / "metrics.json").get("split")
     ok = not (in_images or in_masks or have - want or (generated and want - have) or masker_split not in (None, split))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import DataError, augment, decode_all, decode_mask, load_set, scan_folder
+from data import DataError, augment, decode_all, decode_mask, list_images, load_set, scan_folder
 
 
 def cell_square(size=16):
@@ -146,3 +146,13 @@ def test_augment_colour_jitter_stays_in_range():
     xa, m = augment(x, None, jitter=0.4)
     assert m is None and xa.shape == x.shape
     assert xa.min() >= 0 and xa.max() <= 1
+
+
+def test_list_images_any_depth_skips_hidden_and_tool_folders(tmp_path):
+    """The one walker of predict.py and sweep.py's leakage check: a Jupyter or macOS copy is not an image of the set."""
+    for rel in ("A/a.png", "A/deep/b.jpg", "A/.ipynb_checkpoints/a-checkpoint.png", "__MACOSX/A/c.png", ".hidden/d.png",
+                "A/.e.png", "A/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["A/a.png", "A/deep/b.jpg"]
+    assert list_images(tmp_path / "missing") == []
