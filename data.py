@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 SPLITS = (1, 10, 50, 100)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LUMA = (0.299, 0.587, 0.114)   # ITU-R 601 weights of R, G, B in brightness
 CACHE_VERSION = 3   # bump when decoding changes, so stale caches are not reused
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")   # 16-bit and 32-bit grey
 HELD = []   # this process's folder lock: one run per process at a time (a later one, in a test, drops the last's)
@@ -62,10 +63,9 @@ def scan_folder(folder, classes=None):
     for d in class_dirs:
         found = [f for f in sorted(d.iterdir()) if f.is_file() and is_image(f)]
         ignored += sum(1 for _ in d.iterdir()) - len(found)
-        by_stem = {}
-        for f in found:   # x.jpg beside x.png: their masks (<stem>.png) would overwrite each other
-            if by_stem.setdefault(f.stem, f) != f:
-                raise DataError(f"{by_stem[f.stem]} and {f}: two images with one name; rename or remove one")
+        if len({f.stem for f in found}) < len(found):   # x.jpg beside x.png: their masks (<stem>.png) would collide
+            twins = [str(f) for f in found if [g.stem for g in found].count(f.stem) > 1]
+            raise DataError(f"{' and '.join(twins)}: two images with one name; rename or remove one")
         if not found and names == classes:
             raise DataError(f"{d}: class folder has no images ({', '.join(sorted(IMAGE_EXTS))})")
         paths += found
@@ -96,8 +96,7 @@ def decode_image(path, size):
     with Image.open(path) as im:
         check_pixels(im)
         w, h = im.size[::-1] if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else im.size   # EXIF 90-degree turns
-        if im.format == "JPEG":
-            im.draft("RGB", (size, size))   # libjpeg decodes at 1/2, 1/4.. scale: much faster
+        im.draft("RGB", (size, size))   # JPEG: libjpeg decodes at 1/2, 1/4.. scale, much faster; others: no-op
         im = ImageOps.exif_transpose(im)
         if im.mode in WIDE_MODES:
             im = Image.fromarray((wide_to_8bit(np.asarray(im, dtype=np.float64)) + 0.5).astype(np.uint8))
@@ -179,34 +178,29 @@ class ImageSet:
 def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_bad=False, log=print, need_masks=False):
     """<data_dir>/<Class>/<image> + the first <Class>/<stem>.* mask in mask_dirs, decoded; bad files stop it."""
     paths, labels, classes, ignored = scan_folder(data_dir, classes)
-    if ignored:
-        log(f"{data_dir}: ignored {ignored} hidden or non-image file(s)")
+    log(f"{data_dir}: ignored {ignored} hidden or non-image file(s)") if ignored else None
     images, shapes, bad = decode_all("image", paths, size, cache_dir, log)
     listing = "".join(f"\n  {paths[i]}: {why}" for i, why in sorted(bad.items()))   # every unreadable file
     if bad and not skip_bad:
         raise DataError(f"{len(bad)} unreadable image file(s) (fix or remove them, or pass --skip-bad):{listing}")
-    if bad:
-        log(f"skipped {len(bad)} unreadable image file(s):{listing}")
-    found = {}   # (class, stem) -> its mask in the first of mask_dirs that has one
-    for f in (f for d in map(Path, mask_dirs) if d.is_dir() for f in sorted(d.glob("*/*")) if is_image(f)):
-        found.setdefault((f.parent.name, f.stem), f)
+    log(f"skipped {len(bad)} unreadable image file(s):{listing}") if bad else None
+    found = {(f.parent.name, f.stem): f for f in reversed([f for d in map(Path, mask_dirs) if d.is_dir()   # the first
+                                                            for f in sorted(d.glob("*/*")) if is_image(f)])}   # wins
     mask_paths = [found.pop((classes[y], p.stem), None) for p, y in zip(paths, labels)]
     orphans = [str(f) for (cls, _), f in found.items() if not is_ignored(cls)]
-    if orphans:
-        log(f"{len(orphans)} mask(s) match no image, ignored: {', '.join(orphans[:5])}{' ...' * (len(orphans) > 5)}")
+    log(f"{len(orphans)} mask(s) match no image, ignored: {', '.join(orphans[:5])}"
+        f"{' ...' * (len(orphans) > 5)}") if orphans else None
     where = [i for i, m in enumerate(mask_paths) if m is not None and i not in bad]
     masks, has = None, torch.zeros(len(paths), dtype=torch.bool)
     if where:
         decoded, mask_shapes, mask_bad = decode_all("mask", [mask_paths[i] for i in where], size, cache_dir, log)
-        if mask_bad:   # a bad mask: that image has none
-            log(f"skipped {len(mask_bad)} unreadable mask file(s):" + "".join(f"\n  {mask_paths[where[j]]}: {why}"
-                                                                             for j, why in sorted(mask_bad.items())))
+        log(f"skipped {len(mask_bad)} unreadable mask file(s):" + "".join(f"\n  {mask_paths[where[j]]}: {why}" for j,
+            why in sorted(mask_bad.items()))) if mask_bad else None   # a bad mask: that image has none
         masks = torch.zeros(len(paths), 1, size, size, dtype=torch.uint8)
         masks[where] = torch.from_numpy(decoded)
         has[[i for j, i in enumerate(where) if j not in mask_bad]] = True
         resized = sum(1 for j, i in enumerate(where) if j not in mask_bad and mask_shapes[j] != shapes[i])
-        if resized:
-            log(f"{resized} mask(s) differ in size from their image: resized with nearest-neighbour")
+        log(f"{resized} mask(s) differ in size from their image: resized with nearest-neighbour") if resized else None
     if len(bad) == len(paths):
         raise DataError(f"{data_dir}: none of its {len(bad)} image(s) could be read (see the list above)")
     full = ImageSet(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), masks, has, paths, shapes,
@@ -220,14 +214,21 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
 
 def batch_indices(n, batch_size, shuffle, drop_last=False):
     """Index tensors of one epoch's batches (torch's global RNG shuffles); drop_last: no ragged last batch."""
-    order = torch.randperm(n) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last and n > batch_size else n   # unless it is all: BatchNorm needs 2
-    return list(order[:stop].split(batch_size))
+    return list((torch.randperm(n) if shuffle else torch.arange(n))[:stop].split(batch_size))
 
-def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, part=slice(None)):
-    """uint8 images (N, 3, S, S), masks (N, 1, S, S) or None -> x (B, 3|4: mask_channel, S, S), m (B, 1, S, S) or None:
-    rows `part` of batch `idx`, augment(**aug)ed whole if `train` (each process of a parallel run draws as one does)."""
+def white_balance(x, share=0.1):
+    """x (B, 3, H, W) in [0, 1] -> each image over the mean colour of its brightest `share` of pixels (by luma), the
+    slide's background: a yellow or blue lamp cast turns white, so colour tells stain, not lamp."""
+    luma = ((flat := x.flatten(2)) * x.new_tensor(LUMA)[:, None]).sum(1)   # flat (B, 3, P), luma (B, P)
+    bright = (luma >= luma.topk(max(1, round(share * luma.shape[1])), 1).values[:, -1:])[:, None]   # (B, 1, P)
+    return (x / ((flat * bright).sum(2) / bright.sum(2)).clamp_min(0.05)[..., None, None]).clamp(0, 1)
+
+def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, part=slice(None), white=False):
+    """uint8 images (N, 3, S, S), masks (N, 1, S, S) or None -> rows `part` of batch `idx`: x (B, 3|4: mask_channel,
+    S, S), m (B, 1, S, S) or None; white_balance()d if `white`; augment(**aug)ed whole if `train` (as one process)."""
     x = images[idx].to(device, non_blocking=True).float().div_(255)
+    x = white_balance(x) if white else x
     m = None if masks is None else masks[idx].to(device, non_blocking=True).float()
     x, m = augment(x, m, **(aug or {})) if train else (x, m)
     x, m = x[part], None if m is None else m[part]
@@ -236,13 +237,13 @@ def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, 
     return x.contiguous(memory_format=torch.channels_last), m
 
 @torch.inference_mode()
-def infer(model, images, masks=None, batch_size=64, device="cpu", autocast=None, mask_channel=False):
-    """model(x) in eval mode for every image, in order (no augmentation): float (N, ...) on the CPU."""
+def infer(model, images, masks=None, batch_size=64, device="cpu", autocast=None, mask_channel=False, white=False):
+    """model(x) in eval mode for every image, in order (no augmentation; white: balanced): float (N, ...) on the CPU."""
     model.eval()
     out = []
     for idx in batch_indices(len(images), batch_size, shuffle=False):
-        x, _ = make_batch(images, masks if mask_channel else None, idx, device, False, mask_channel)
-        with autocast or torch.autocast(x.device.type, enabled=False):
+        x, _ = make_batch(images, masks if mask_channel else None, idx, device, False, mask_channel, white=white)
+        with autocast or torch.autocast(x.device.type, enabled=False):   # the model only: inputs stay float32
             out.append(model(x).float().cpu())
     return torch.cat(out)
 
@@ -264,12 +265,12 @@ def augment(x, m=None, zoom=(0.75, 1.0), jitter=0.2, stain=0.0, blur=0.0):
         x = x * factors[0]
         mean = x.mean((1, 2, 3), keepdim=True)
         x = (x - mean) * factors[1] + mean
-        grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]   # luma (B, 1, S, S)
+        grey = LUMA[0] * x[:, 0:1] + LUMA[1] * x[:, 1:2] + LUMA[2] * x[:, 2:3]   # luma (B, 1, S, S)
         x = ((x - grey) * factors[2] + grey).clamp(0, 1)
     if stain:   # turn the chroma plane of YIQ (hue), scale it (saturation), or drop it (grey)
         angle, sat = (torch.rand(b) * 2 - 1) * stain * torch.pi, 1 + (torch.rand(b) * 2 - 1) * stain
         sat = torch.where(torch.rand(b) < stain / 4, 0.0, sat)
-        yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+        yiq = x.new_tensor([LUMA, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
         turn = torch.zeros(b, 3, 3)
         turn[:, 0, 0], turn[:, 1, 1], turn[:, 2, 2] = 1, sat * angle.cos(), sat * angle.cos()
         turn[:, 1, 2], turn[:, 2, 1] = -sat * angle.sin(), sat * angle.sin()
@@ -336,8 +337,7 @@ def load_checkpoint(path, required=(), resume_with=None, may_change=()):
 
 def claim_folder(out):
     """Make and lock `out` (a second live run is refused; the OS drops a dead run's lock); clear its temp files."""
-    while HELD:
-        HELD.pop().close()
+    HELD.pop().close() if HELD else None
     try:
         (out := Path(out)).mkdir(parents=True, exist_ok=True)
         HELD.append(lock := open(out / ".lock", "w"))

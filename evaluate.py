@@ -70,7 +70,8 @@ def evaluate_classifier(ckpt, args):
     data = load_set(folder, size, classes=classes, mask_dirs=[masks] if channel else [])
     if channel and not data.has_mask.all():
         raise DataError(f"{masks}: a mask-channel classifier needs a mask for every image of {folder}")
-    logits = infer(model, data.images, data.masks, args.batch_size, args.device, autocast, mask_channel=channel)
+    logits = infer(model, data.images, data.masks, args.batch_size, args.device, autocast, channel,
+                   run.get("white_balance", False))   # as the model was trained
     m = classification_metrics(confusion_matrix(data.labels, logits.argmax(1), len(classes)), classes)
     print(f"{args.checkpoint} on {folder} ({len(data)} images)\n{'class':<12} {'n':>6} {'error':>8}")
     for c, e in m["per_class_error"].items():   # the report's table, then the summary and the confusion matrix

@@ -64,7 +64,7 @@ def load_model(path, kind):
 
 
 @torch.no_grad()
-def adapt_batchnorm(model, images, masks, batch_size, device, mask_channel=False):
+def adapt_batchnorm(model, images, masks, batch_size, device, mask_channel=False, white=False):
     """AdaBN: every BatchNorm layer's running mean and variance become the statistics of `images` (N, 3, S, S)
     uint8, averaged over batches of `batch_size` (cumulative average, so the order does not matter); nothing
     else changes. Returns the model in eval mode."""
@@ -74,7 +74,7 @@ def adapt_batchnorm(model, images, masks, batch_size, device, mask_channel=False
         bn.momentum = None   # None: a cumulative average over the batches, not an exponential one
     model.train()
     for idx in torch.arange(len(images)).split(batch_size):
-        x, _ = make_batch(images, masks, idx, device, train=False, mask_channel=mask_channel)
+        x, _ = make_batch(images, masks, idx, device, train=False, mask_channel=mask_channel, white=white)
         model(x)
     return model.eval()
 
@@ -145,14 +145,14 @@ def main(argv=None):
     if "classifier" in models:   # 2. classes
         model, ckpt = models["classifier"]
         size, classes = ckpt["args"]["size"], ckpt["classes"]
-        channel = ckpt["args"].get("mask_mode") == "channel"
+        channel, white = ckpt["args"].get("mask_mode") == "channel", ckpt["args"].get("white_balance", False)
         if channel and size not in masks_by_size:
             raise SystemExit(f"{args.classifier}: reads masks as a 4th channel: give --masker (of the same --size)")
         (images, _), masks = decode(size), masks_by_size.get(size)
         model.to(device, memory_format=torch.channels_last)
         if args.adapt_bn:
-            adapt_batchnorm(model, images, masks, args.batch_size, device, channel)
-        probs = torch.softmax(infer(model, images, masks, args.batch_size, device, mask_channel=channel), 1)
+            adapt_batchnorm(model, images, masks, args.batch_size, device, channel, white)
+        probs = infer(model, images, masks, args.batch_size, device, mask_channel=channel, white=white).softmax(1)
         rows = [{"path": n, "predicted": classes[int(p.argmax())], **{c: f"{float(v):.4f}" for c, v in zip(classes, p)}}
                 for n, p in zip(names, probs)]
         save_csv(rows, out / "predictions.csv")

@@ -8,10 +8,12 @@ import torch
 
 from PIL import Image
 
+import data
+import evaluate
 import predict
 import train_classifier
 import train_masker
-from data import DataError, augment, mask_root
+from data import DataError, augment, mask_root, white_balance
 from resnet_cls import ResNetClassifier
 from test_robustness import noise_image, run_argv, square_mask, tiny_wbc
 from unet import UNet
@@ -71,6 +73,36 @@ def test_blur_smooths_edges_only():
     assert edges(xb) < edges(augment(x, m, zoom=(1.0, 1.0), jitter=0.0)[0])
     assert xb.shape == x.shape and torch.allclose(xb.mean(), x.mean(), atol=0.02)
     assert set(mb.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_white_balance_turns_the_background_white_and_scales_the_cell_alike():
+    x = torch.empty(2, 3, 10, 10)
+    x[0] = torch.tensor([1.0, 0.9, 0.6]).view(3, 1, 1)           # a yellow lamp: background everywhere ...
+    x[0, :, 3:7, 3:7] = torch.tensor([0.5, 0.3, 0.4]).view(3, 1, 1)   # ... but a purple 4x4 cell
+    x[1] = torch.rand(3, 10, 10) * 0.5                            # no bright background: the brightest tenth
+    y = white_balance(x)
+    assert torch.allclose(y[0, :, 0, 0], torch.ones(3))
+    assert torch.allclose(y[0, :, 5, 5], torch.tensor([0.5, 0.3 / 0.9, 0.4 / 0.6]))
+    luma = torch.einsum("c,chw->hw", torch.tensor([0.299, 0.587, 0.114]), x[1]).flatten()
+    bright = luma >= luma.sort().values[90]                       # 10 of 100 pixels
+    assert torch.allclose(y[1], (x[1] / x[1].flatten(1)[:, bright].mean(1).view(3, 1, 1)).clamp(0, 1))
+    assert torch.equal(white_balance(torch.ones(1, 3, 4, 4)), torch.ones(1, 3, 4, 4))   # white stays white
+
+
+def test_white_balance_flag_is_kept_for_evaluate_and_predict(tmp_path, monkeypatch):
+    wbc = tiny_wbc(tmp_path / "d")
+    seen = []
+    monkeypatch.setattr(data, "white_balance", lambda x, real=data.white_balance: seen.append(len(x)) or real(x))
+    for flag in ("", "--white-balance"):
+        out = tmp_path / f"c{flag}"
+        train_classifier.main(run_argv(wbc, out, "--dry-run", *[flag][:len(flag)]))
+        trained, seen[:] = list(seen), []
+        evaluate.main([str(out / "checkpoint.pt"), "--device", "cpu"])
+        predict.main([str(wbc / "WBC_100" / "val" / "data"), "--classifier", str(out / "checkpoint.pt"),
+                      "--out", str(tmp_path / "pred"), "--adapt-bn"])
+        # training: a batch of 3 and the 2 val images; evaluate: 2; predict: AdaBN's 2, then 2
+        assert (trained, seen) == (([3, 2], [2, 2, 2]) if flag else ([], [])), flag
+        seen.clear()
 
 
 # ---------------------------------------------------------------------------- pretraining on several roots

@@ -33,6 +33,7 @@ def parse_args(argv=None):
     g.add_argument("--size", type=int, default=224, help="working size in px (>= 32)")
     g.add_argument("--cache", default=".cache/decoded", help="decoded-image cache folder ('none' = off)")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
+    g.add_argument("--white-balance", action="store_true", help="divide each image by its background's colour")
     g.add_argument("--zoom", type=float, nargs=2, default=[0.75, 1.0], help="crop side range (above 1 zooms out)")
     g.add_argument("--stain", type=float, default=0.0, help="hue/saturation/grey augmentation strength in [0, 1]")
     g.add_argument("--blur", type=float, default=0.0, help="largest Gaussian blur sigma in px (0 = off)")
@@ -78,10 +79,10 @@ def parse_args(argv=None):
     return args
 
 def setting_name(args):
-    """Folder-friendly name of the mask setting: nomask, alpha-1_1, channel_alpha1_0, ..., + _balance."""
+    """Folder-friendly name of the setting: nomask, alpha-1_1, channel_alpha1_0, ..., + _balance, + _white."""
     channel = "channel_" if args.mask_mode == "channel" else ""
     name = f"{channel}alpha{args.alpha[0]:g}_{args.alpha[1]:g}" if args.alpha is not None else channel[:-1] or "nomask"
-    return name + ("_balance" if args.balance else "")
+    return name + "_balance" * args.balance + "_white" * args.white_balance
 
 def train_one_epoch(forward, model, data, optimizer, scaler, autocast, class_w, channel, args):
     """One pass over `data` (one batch with --dry-run), this process on its share of each batch. Returns mean loss,
@@ -92,8 +93,8 @@ def train_one_epoch(forward, model, data, optimizer, scaler, autocast, class_w, 
     start = time.perf_counter()
     for step, idx in enumerate(batches, 1):
         mine = slice(RANK * len(idx) // WORLD, (RANK + 1) * len(idx) // WORLD)   # this process's rows of the batch
-        x, m = make_batch(data.images, data.masks, idx, args.device, train=True, mask_channel=channel,
-                          aug=dict(zoom=args.zoom, stain=args.stain, blur=args.blur), part=mine)
+        x, m = make_batch(data.images, data.masks, idx, args.device, train=True, mask_channel=channel, part=mine,
+                          aug=dict(zoom=args.zoom, stain=args.stain, blur=args.blur), white=args.white_balance)
         y = data.labels[idx[mine]].to(args.device, non_blocking=True)
         with autocast:
             logit_map = forward(x, pooled=False).float()                  # (B, C, h, w)
@@ -109,7 +110,7 @@ def train_one_epoch(forward, model, data, optimizer, scaler, autocast, class_w, 
         totals += torch.stack([loss.detach() * len(y), (logit_map.detach().mean((2, 3)).argmax(1) == y).sum(), n_empty])
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
     dist.all_reduce(totals) if WORLD > 1 else None   # loss, correct, empty-weight samples: sums over every process
-    seen = sum(len(idx) for idx in batches)
+    seen = sum(len(idx) for idx in batches)   # images (not only this process's)
     return (*(totals / seen).tolist(), seen / (time.perf_counter() - start), int(bad_step))
 
 def main(argv=None):
@@ -131,8 +132,8 @@ def main(argv=None):
     claim_folder(args.out) if RANK == 0 else None   # refuses a second live run on the same folder
     plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
     resume = load_checkpoint(ckpt_path, ("optimizer", "rng", "fingerprint"), plain, MAY_CHANGE) if args.resume else None
-    init = load_checkpoint(args.init)["model"] if args.init and not resume else None   # files before any decoding:
-    weights = resnet34_state_dict(args.pretrained, args.weights) if not resume else None   # a bad one fails fast
+    start = None if resume else load_checkpoint(args.init)["model"] if args.init else \
+        resnet34_state_dict(args.pretrained, args.weights)   # starting weights read before any decoding: fail fast
 
     # 1. data: WBC_<split>/train with its masks (ground truth first, then generated), and WBC_100/val
     dirs, need = wbc_dirs(args.data, args.split), args.alpha is not None or channel   # need: a mask for every image
@@ -149,8 +150,7 @@ def main(argv=None):
         sys.exit(f"--resume: {ckpt_path} was trained on other files (images or masks changed since); start afresh")
 
     # 2. model: ImageNet, a local file, our classifier's or masker's resnet34 (--init), or random (resumed: its own)
-    model = build_classifier(len(train.classes), 4 if channel else 3, weights if init is None else init,
-                             args.init or args.weights or "ImageNet weights")
+    model = build_classifier(len(train.classes), 4 if channel else 3, start, args.init or args.weights or "ImageNet")
     model = model.to(device, memory_format=torch.channels_last)   # NHWC: faster convolutions on GPUs and CPUs
     net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model   # same init on every rank
     forward = torch.compile(net) if args.compile else net
@@ -173,7 +173,7 @@ def main(argv=None):
         loss, acc, empty, speed, bad_step = train_one_epoch(forward, model, train, optimizer, scaler, autocast,
                                                             class_w, channel, args)
         scheduler.step()
-        logits = infer(model, val.images, val.masks, args.batch_size * 2, device, autocast, mask_channel=channel)
+        logits = infer(model, val.images, val.masks, args.batch_size * 2, device, autocast, channel, args.white_balance)
         val_loss, preds = torch.nn.functional.cross_entropy(logits, val.labels).item(), logits.argmax(1)
         val_acc = (preds == val.labels).float().mean().item()
         finite = all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point())
