@@ -184,8 +184,8 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
     if bad and not skip_bad:
         raise DataError(f"{len(bad)} unreadable image file(s) (fix or remove them, or pass --skip-bad):{listing}")
     log(f"skipped {len(bad)} unreadable image file(s):{listing}") if bad else None
-    found = {(f.parent.name, f.stem): f for f in reversed([f for d in map(Path, mask_dirs) if d.is_dir()   # the first
-                                                            for f in sorted(d.glob("*/*")) if is_image(f)])}   # wins
+    listed = [f for d in map(Path, mask_dirs) if d.is_dir() for f in sorted(d.glob("*/*")) if is_image(f)]
+    found = {(f.parent.name, f.stem): f for f in reversed(listed)}   # (class, stem) -> the first mask_dirs' mask
     mask_paths = [found.pop((classes[y], p.stem), None) for p, y in zip(paths, labels)]
     orphans = [str(f) for (cls, _), f in found.items() if not is_ignored(cls)]
     log(f"{len(orphans)} mask(s) match no image, ignored: {', '.join(orphans[:5])}"

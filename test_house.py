@@ -61,6 +61,11 @@ def test_line_budgets(files, budget):
     assert lines <= budget, f"{' + '.join(files)}: {lines} lines, budget {budget}"
 
 
+def test_readme_reads_in_ten_minutes():
+    chars = len((HERE / "README.md").read_text())
+    assert chars <= 15_000, f"README.md: {chars} characters, budget 15,000"
+
+
 def test_no_reference_to_files_outside_the_repo():
     for path in [*code_files(), HERE / "README.md"]:
         assert "SPEC.md" not in path.read_text(), path.name
