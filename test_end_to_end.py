@@ -21,7 +21,7 @@ def tiny(tmp_path_factory):
 def masker_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("masker")
     metrics = train_masker.main(["--data", str(tiny), "--split", "100", "--size", "32",
-                                 "--pretrain-on", str(tiny / "CAM16"), "--pretrain-epochs", "2", "--epochs", "25", "--batch-size", "8", "--lr", "2e-3",
+                                 "--pretrain-on", str(tiny / "CAM16"), "--pretrain-epochs", "2", "--epochs", "15", "--batch-size", "8", "--lr", "2e-3",
                                  "--out", str(out), "--device", "cpu"])
     return out, metrics
 
@@ -42,7 +42,7 @@ def test_classifier_with_masks_beats_majority(tiny, masker_run, tmp_path):
     masks, _ = masker_run
     out = tmp_path / "cls"
     metrics = train_classifier.main(["--data", str(tiny), "--split", "100", "--size", "32", "--alpha", "-1", "1",
-                                     "--masks", str(masks / "masks"), "--epochs", "12", "--batch-size", "16", "--lr", "1e-3",
+                                     "--masks", str(masks / "masks"), "--epochs", "7", "--batch-size", "16", "--lr", "1e-3",
                                      "--out", str(out), "--device", "cpu"])
     assert metrics["accuracy"] > metrics["majority_baseline"] + 0.15
     log = (out / "log.csv").read_text().splitlines()
