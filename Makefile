@@ -59,12 +59,11 @@ crossdomain: install
 	$(PY) train_classifier.py --data $(TECOM) --split 100 --size $(XDSIZE) --epochs 14 --batch-size 16 --lr 1e-3 --out $(XD)/classifier_tecom
 	$(PY) train_classifier.py --data $(TECOM) --split 100 --size $(XDSIZE) --epochs 14 --batch-size 16 --lr 1e-3 $(NEWSCOPE) \
 		--init $(XD)/classifier_synth_aug/checkpoint.pt --out $(XD)/classifier_synth_tecom_aug
-	$(PY) train_classifier.py --data $(TECOM) --split 100 --size $(XDSIZE) --epochs 14 --batch-size 16 --lr 1e-3 \
-		--init $(XD)/classifier_synth_aug/checkpoint.pt --out $(XD)/classifier_synth_tecom
+	$(PY) train_classifier.py $(ONTECOM) --lr 3e-4 --init $(XD)/classifier_synth_aug/checkpoint.pt --out $(XD)/classifier_synth_tecom
 	$(PY) train_classifier.py --data $(DATA) --split 100 --size $(XDSIZE) --epochs 5 --batch-size 16 --lr 1e-3 $(NEWSCOPE) \
 		--white-balance --out $(XD)/classifier_synth_aug_white
 	$(PY) train_classifier.py $(ONTECOM) --lr 1e-3 --white-balance --out $(XD)/classifier_tecom_white
-	$(PY) train_classifier.py $(ONTECOM) --lr 1e-3 --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt \
+	$(PY) train_classifier.py $(ONTECOM) --lr 3e-4 --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt \
 		--out $(XD)/classifier_synth_tecom_white
 	for run in $(XD)/*/; do for target in $(DATA) $(TECOM); do \
 		$(PY) evaluate.py $$run/checkpoint.pt --data $$target --json $$run/on_$$(basename $$target).json | tail -2; done; done
@@ -74,8 +73,8 @@ crossdomain: install
 SEEDS ?= 0 1 2 3 4
 crossdomain-seeds: install
 	for seed in $(SEEDS); do for run in "tecom" "tecom_white --white-balance" \
-		"synth_tecom --init $(XD)/classifier_synth_aug/checkpoint.pt" \
-		"synth_tecom_white --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt"; do \
+		"synth_tecom --lr 3e-4 --init $(XD)/classifier_synth_aug/checkpoint.pt" \
+		"synth_tecom_white --lr 3e-4 --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt"; do \
 		set -- $$run; name=$$1; shift; printf "%-18s seed $$seed: " $$name; \
 		$(PY) train_classifier.py $(ONTECOM) --lr 1e-3 "$$@" --seed $$seed --out $(XD)/seeds/$${name}_$$seed | tail -1; \
 	done; done
