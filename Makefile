@@ -56,9 +56,9 @@ crossdomain: install
 	$(PY) train_masker.py --data $(TECOM) --split 100 --size $(XDSIZE) --epochs 15 --batch-size 8 --pretrain-on $(DATA) \
 		--pretrain-epochs 15 --replay 3 $(NEWSCOPE) --out $(XD)/masker_synth_tecom_replay
 	$(PY) train_classifier.py --data $(DATA) --split 100 --size $(XDSIZE) --epochs 5 --batch-size 16 --lr 1e-3 $(NEWSCOPE) --out $(XD)/classifier_synth_aug
-	$(PY) train_classifier.py --data $(TECOM) --split 100 --size $(XDSIZE) --epochs 14 --batch-size 16 --lr 1e-3 --out $(XD)/classifier_tecom
-	$(PY) train_classifier.py --data $(TECOM) --split 100 --size $(XDSIZE) --epochs 14 --batch-size 16 --lr 1e-3 $(NEWSCOPE) \
-		--init $(XD)/classifier_synth_aug/checkpoint.pt --out $(XD)/classifier_synth_tecom_aug
+	$(PY) train_classifier.py $(ONTECOM) --lr 1e-3 --out $(XD)/classifier_tecom
+	$(PY) train_classifier.py $(ONTECOM) --lr 1e-3 $(NEWSCOPE) --init $(XD)/classifier_synth_aug/checkpoint.pt \
+		--out $(XD)/classifier_synth_tecom_aug
 	$(PY) train_classifier.py $(ONTECOM) --lr 3e-4 --init $(XD)/classifier_synth_aug/checkpoint.pt --out $(XD)/classifier_synth_tecom
 	$(PY) train_classifier.py --data $(DATA) --split 100 --size $(XDSIZE) --epochs 5 --batch-size 16 --lr 1e-3 $(NEWSCOPE) \
 		--white-balance --out $(XD)/classifier_synth_aug_white
