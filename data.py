@@ -348,3 +348,63 @@ def claim_folder(out):
         raise DataError(f"{out}: cannot write there ({e.strerror or e})") from None
     for stale in out.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- guidance: what the model sees
+
+def grow_mask(m, px):
+    """m (B, 1, S, S) in {0, 1} -> the mask grown by `px` pixels every way (a max-pool), (B, 1, S, S).
+
+    A mask drawn by the masker may cut into the cell's edge: a few pixels more keep its rim."""
+    if px == 0:
+        return m
+    return F.max_pool2d(m, kernel_size=2 * px + 1, stride=1, padding=px)
+
+
+def blank_background(x, m, grow_px):
+    """x (B, C, S, S) normalised, m (B, 1, S, S) -> (B, C, S, S): 0 outside the grown mask.
+
+    0 after ImageNet normalisation is ImageNet's mean colour, one neutral value for every image, so
+    the background carries nothing. An empty mask (the masker found no cell) keeps the whole image."""
+    keep = grow_mask(m, grow_px)
+    empty = keep.amax(dim=(1, 2, 3)) == 0   # (B,)
+    keep = torch.where(empty[:, None, None, None], torch.ones_like(keep), keep)
+    return x * keep
+
+
+def mask_boxes(m, margin):
+    """m (B, 1, S, S) -> (B, 3) float squares: centre x, centre y (pixel-edge coordinates), side.
+
+    The square is centred on the mask's bounding box, its side (1 + 2 * margin) times the box's
+    longer side. An empty mask gives the whole image."""
+    size = m.shape[-1]
+    index = torch.arange(size, device=m.device)
+    rows = m.amax(dim=(1, 3)) > 0   # (B, S): rows that hold cell
+    cols = m.amax(dim=(1, 2)) > 0   # (B, S): columns that hold cell
+    top = torch.where(rows, index, size).amin(1)
+    bottom = torch.where(rows, index, -1).amax(1) + 1
+    left = torch.where(cols, index, size).amin(1)
+    right = torch.where(cols, index, -1).amax(1) + 1
+    side = torch.maximum(bottom - top, right - left).float() * (1 + 2 * margin)
+    centre_x = (left + right).float() / 2
+    centre_y = (top + bottom).float() / 2
+    empty = ~rows.any(1)
+    side = torch.where(empty, float(size), side)
+    centre_x = torch.where(empty, size / 2, centre_x)
+    centre_y = torch.where(empty, size / 2, centre_y)
+    return torch.stack([centre_x, centre_y, side], dim=1)
+
+
+def crop_boxes(x, boxes, size, mode="bilinear"):
+    """x (B, C, S, S), boxes (B, 3) from mask_boxes -> (B, C, size, size): each square resized.
+
+    Where a square leaves the image, its edge pixels repeat (padding_mode="border")."""
+    full = x.shape[-1]
+    centre = boxes[:, :2] * 2 / full - 1   # pixel edges -> grid_sample's [-1, 1]
+    scale = boxes[:, 2] / full
+    theta = torch.zeros(len(x), 2, 3, device=x.device)
+    theta[:, 0, 0] = scale
+    theta[:, 1, 1] = scale
+    theta[:, :, 2] = centre
+    grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)

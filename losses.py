@@ -165,3 +165,35 @@ def mask_metrics(counts):
     return {"pixel_error": (fp + fn) / total,
             "iou": tp / union if union else 1.0,
             "dice": 2 * tp / (2 * tp + fp + fn) if union else 1.0}
+
+
+# ---------------------------------------------------------------------------- guidance and audit
+
+def rrr_penalty(logits, x, outside, has_mask):
+    """"Right for the right reasons" (Ross et al. 2017): how much the input outside the cell moves
+    the prediction.
+
+    logits (B, C) computed from x (B, 3, H, W), which requires grad; outside (B, 1, H, W) is 1
+    where the model should not look; has_mask (B,) bool. Per image: sum over pixels and channels
+    of (outside * d(sum_c log p_c)/dx)^2; the mean over the images with a mask. The gradient keeps
+    its graph (create_graph=True), so the penalty itself trains the model (double backprop)."""
+    log_p = F.log_softmax(logits.float(), dim=1).sum()
+    grad = torch.autograd.grad(log_p, x, create_graph=True)[0]
+    per_image = ((outside * grad) ** 2).sum(dim=(1, 2, 3))
+    count = has_mask.sum().clamp_min(1)
+    return (per_image * has_mask).sum() / count
+
+
+def cohen_kappa(first, second, num_classes):
+    """Agreement of two labelings of the same images, beyond chance: (p_o - p_e) / (1 - p_e).
+
+    p_o is the share that agree, p_e the share two independent labelings with these class
+    shares would agree by chance. 1: always agree; 0: chance; a model that says one class on
+    every image scores 0 whatever its raw agreement. Two identical constant labelings give 1."""
+    table = confusion_matrix(first, second, num_classes).double()
+    n = table.sum()
+    observed = table.trace() / n
+    chance = (table.sum(0) * table.sum(1)).sum() / n ** 2
+    if chance == 1:
+        return 1.0
+    return ((observed - chance) / (1 - chance)).item()
