@@ -408,3 +408,23 @@ def crop_boxes(x, boxes, size, mode="bilinear"):
     theta[:, :, 2] = centre
     grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+
+
+# ---------------------------------------------------------------------------- test-time augmentation
+
+def d4_views(x):
+    """x (B, C, H, W) -> (8 * B, C, H, W): the 4 quarter turns of x, then of x flipped left-right.
+
+    Cells have no preferred orientation, so all 8 views (the dihedral group D4) show the same cell."""
+    flipped = x.flip(-1)
+    turns = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+    turns += [torch.rot90(flipped, k, dims=(-2, -1)) for k in range(4)]
+    return torch.cat(turns)
+
+
+def d4_undo(maps):
+    """maps (8 * B, C, H, W) of d4_views' images -> (8, B, C, H, W), each turned back upright."""
+    views = maps.unflatten(0, (8, -1))
+    upright = [torch.rot90(views[k], -k, dims=(-2, -1)) for k in range(4)]
+    upright += [torch.rot90(views[4 + k], -k, dims=(-2, -1)).flip(-1) for k in range(4)]
+    return torch.stack(upright)

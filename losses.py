@@ -197,3 +197,46 @@ def cohen_kappa(first, second, num_classes):
     if chance == 1:
         return 1.0
     return ((observed - chance) / (1 - chance)).item()
+
+
+# ---------------------------------------------------------------------------- calibration
+
+def fit_temperature(logits, labels, steps=100):
+    """The one temperature T > 0 that minimises the NLL of softmax(logits / T) (Guo et al. 2017).
+
+    logits (N, C) of held-out images, labels (N,). T is fitted as log T, so it stays positive;
+    T > 1 softens over-confident probabilities. Dividing by T never changes the argmax."""
+    logits = logits.detach().float()
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return log_t.exp().item()
+
+
+def calibration_metrics(probs, labels, bins=15):
+    """NLL, Brier score and expected calibration error of probabilities (N, C) against labels (N,).
+
+    ECE: the images fall into `bins` equal-width bins of their top probability; each bin adds
+    its share of images times |accuracy - mean top probability| (Guo et al. 2017)."""
+    probs = probs.double()
+    picked = probs[torch.arange(len(labels)), labels]
+    nll = -picked.clamp_min(1e-12).log().mean()
+    one_hot = F.one_hot(labels, probs.shape[1]).double()
+    brier = ((probs - one_hot) ** 2).sum(1).mean()
+    confidence, predicted = probs.max(1)
+    correct = (predicted == labels).double()
+    which = (confidence * bins).ceil().long().clamp(1, bins) - 1   # bin b holds (b/bins, (b+1)/bins]
+    ece = torch.zeros((), dtype=torch.float64)
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            gap = (correct[inside].mean() - confidence[inside].mean()).abs()
+            ece += inside.double().mean() * gap
+    return {"nll": nll.item(), "brier": brier.item(), "ece": ece.item()}
