@@ -5,20 +5,24 @@ Input (B, 3, H, W) normalised RGB with H, W divisible by 32; output (B, 1, H, W)
 their torchvision names (`encoder.*`), so ImageNet weights load unchanged; hand-written decoder:
 at each scale upsample x2, concatenate the encoder skip of that scale, two 3x3 conv-BN-ReLU;
 a last block back to full size; a 1x1 conv to one logit. Decoder as in Ronneberger et al. 2015
-and segmentation_models_pytorch's Unet(resnet34). ImageNet weights: resnet_cls.load_backbone(unet.encoder, ...).
+and segmentation_models_pytorch's Unet(resnet34).
+ImageNet weights: resnet_cls.load_backbone(unet.encoder, ...).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import resnet34
 
-ENCODER_CHANNELS = (64, 64, 128, 256, 512)   # conv1 (H/2), layer1 (H/4), layer2 (H/8), layer3 (H/16), layer4 (H/32)
-DECODER_CHANNELS = (256, 128, 64, 32, 16)    # H/16, H/8, H/4, H/2, H
+# conv1 (H/2), layer1 (H/4), layer2 (H/8), layer3 (H/16), layer4 (H/32)
+ENCODER_CHANNELS = (64, 64, 128, 256, 512)
+# H/16, H/8, H/4, H/2, H
+DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
 def conv_bn_relu(in_ch, out_ch):
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),  # BatchNorm follows
-                         nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+    conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)   # BatchNorm follows
+    norm = nn.BatchNorm2d(out_ch)
+    return nn.Sequential(conv, norm, nn.ReLU(inplace=True))
 
 
 class UpBlock(nn.Module):
@@ -26,7 +30,9 @@ class UpBlock(nn.Module):
 
     def __init__(self, in_ch, skip_ch, out_ch):
         super().__init__()
-        self.convs = nn.Sequential(conv_bn_relu(in_ch + skip_ch, out_ch), conv_bn_relu(out_ch, out_ch))
+        first = conv_bn_relu(in_ch + skip_ch, out_ch)
+        second = conv_bn_relu(out_ch, out_ch)
+        self.convs = nn.Sequential(first, second)
 
     def forward(self, x, skip=None):
         x = F.interpolate(x, scale_factor=2, mode="nearest")
@@ -42,7 +48,8 @@ class UNet(nn.Module):
         self.encoder.fc = nn.Identity()  # unused: the encoder stops at layer4
         skips = ENCODER_CHANNELS[-2::-1] + (0,)                 # (256, 128, 64, 64, 0)
         ins = (ENCODER_CHANNELS[-1],) + DECODER_CHANNELS[:-1]   # (512, 256, 128, 64, 32)
-        self.up = nn.ModuleList(UpBlock(i, s, o) for i, s, o in zip(ins, skips, DECODER_CHANNELS))
+        blocks = [UpBlock(i, s, o) for i, s, o in zip(ins, skips, DECODER_CHANNELS)]
+        self.up = nn.ModuleList(blocks)
         self.head = nn.Conv2d(DECODER_CHANNELS[-1], 1, kernel_size=1)
 
     def forward(self, x):
