@@ -50,7 +50,6 @@ def test_paired_by_hand():
     assert p["p_perm"] == 0.25
     same = sweep_report.paired({0: 0.8, 1: 0.9}, {0: 0.7, 1: 0.8})              # +10 points every seed: t ~ inf
     assert same["p_t"] == pytest.approx(0, abs=1e-9) and same["p_perm"] == 0.5
-    assert sweep_report.paired({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})["p_t"] == 0.0   # exactly equal differences: std 0
     one = sweep_report.paired({0: 0.8, 5: 0.1}, {0: 0.7})                       # only seed 0 is paired
     assert one["n"] == 1 and math.isnan(one["p_t"]) and one["p_perm"] == 1.0
 
@@ -74,7 +73,8 @@ def test_comparisons_pair_each_mask_setting_with_both_controls():
     assert pairs == {("alpha0_1", "nomask"), ("alpha1_0", "nomask"), ("alpha1_0", "alpha0_1"),
                      ("alpha1_0_balance", "nomask_balance")}   # no alpha0_1_balance run: no such pair
     vs_clean = next(r for r in rows if r["control"] == "alpha0_1")
-    assert vs_clean["mean"] == pytest.approx(0.2) and vs_clean["p_perm"] == 0.25 and vs_clean["p_t"] < 1e-6
+    assert vs_clean["mean"] == pytest.approx(0.2) and vs_clean["p_perm"] == 0.25
+    assert math.isnan(vs_clean["p_t"])   # +0.2 at every seed: zero variance, t undefined
     cell = sweep_report.comparisons(runs, "cell_only_agreement")   # an audit.json number
     assert len(cell) == 4 and all(r["mean"] == 0 and r["p_t"] == 1.0 for r in cell)
 
@@ -402,3 +402,18 @@ def test_figures_skip_cleanly_without_matplotlib(tiny_sweep, monkeypatch, capsys
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     assert sweep_report.make_figures(out, tiny_sweep[-1]["classifiers"], torch.device("cpu")) == []
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- review fixes (issue 19)
+
+def test_paired_t_with_equal_differences_is_undefined_not_zero():
+    """Zero variance: t = mean/0 has no distribution to read a p from; p = 0 would claim a certainty
+    that 2 or 3 seeds never give. Equal non-zero differences: NaN (the table prints '-' and says why);
+    all differences 0: p = 1."""
+    equal = sweep_report.paired({0: 2.0, 1: 3.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 3.0})
+    assert equal["std"] == 0 and equal["mean"] == 1.0 and math.isnan(equal["p_t"])
+    assert equal["p_perm"] == 0.25   # the exact test still answers
+    assert sweep_report.paired({0: 0.5, 1: 0.5}, {0: 0.5, 1: 0.5})["p_t"] == 1.0
+    table = sweep_report.paired_tables([{"metric": "accuracy", "split": 10, "setting": "alpha1_0",
+                                         "control": "nomask"} | equal])
+    assert "| WBC_10 | alpha1_0 - nomask | 3 | +100.0 | 0.0 | - | 0.250 |" in table
