@@ -89,7 +89,7 @@ def check_flags(p, args):
         p.error("--steps and --epochs: need >= 1")
     if args.workers < 0:
         p.error(f"--workers {args.workers}: need >= 0")
-    if not (math.isfinite(args.peak_seconds) and args.peak_seconds > 0):   # inf: the peak loop never ends
+    if not (math.isfinite(args.peak_seconds) and args.peak_seconds > 0):   # inf: no end
         p.error(f"--peak-seconds {args.peak_seconds}: need a finite number > 0")
     if args.json and Path(args.json).is_dir():
         p.error(f"--json {args.json}: a folder; give a file name (--out takes a folder)")

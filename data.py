@@ -2,8 +2,8 @@
 
 Layout: ROOT/WBC_<split>/train/{data,mask}/<Class>/<stem>.<ext>, validation in ROOT/WBC_100/val. Masks: cell =
 8-bit value >= 64 (robust to JPEG noise; counts the 128 cytoplasm of 0/128/255 masks), a 0/1 mask when its max is 1,
-palette index != 0. Decoded arrays are cached as .npy in --cache, keyed by each file's path, size, mtime,
-ctime and inode."""
+palette index != 0. Decoded arrays are cached as .npy in --cache, keyed by each file's path, size,
+mtime, ctime and inode."""
 import csv
 import fcntl
 import hashlib
@@ -125,9 +125,10 @@ def decode_one(job):
         return None, None, f"{type(e).__name__}: {e}"   # this one file is reported by name, not the whole run
 
 def fingerprint(paths, extra=""):
-    """Hash of each file's path, size, mtime, ctime and inode (not its bytes): the decode cache's key; --resume
-    refuses changed data. ctime and inode catch a file replaced by one of the same size and mtime (cp -p, rsync -t):
-    the OS sets them, a copy cannot. A chmod or a move also changes them: the cache decodes again, --resume refuses."""
+    """Hash of each file's path, size, mtime, ctime and inode (not its bytes): the decode
+    cache's key; --resume refuses changed data. ctime and inode catch a file swapped for one
+    of the same size and mtime (cp -p, rsync -t): the OS sets them, a copy cannot. A chmod or
+    a move changes them too: the cache decodes again, --resume refuses."""
     stats = (f"\n{os.path.abspath(p)} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
              for p in paths for st in [os.stat(p)])
     return hashlib.sha1((f"{CACHE_VERSION} {extra}" + "".join(stats)).encode()).hexdigest()[:20]

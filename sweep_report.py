@@ -129,8 +129,8 @@ def sign_flip_p(diffs):
     return sum(abs(sum(s * d for s, d in zip(signs, diffs))) >= observed for signs in flips) / len(flips)
 
 def paired_t_p(mean, std, n):
-    """Two-sided p of the paired t-test; NaN below 2 seeds. Zero variance: 1 if every difference is 0, else
-    NaN (t = mean / 0 is undefined; p = 0 would claim a certainty a few seeds never give)."""
+    """Two-sided p of the paired t-test; NaN below 2 seeds. Zero variance: 1 if every
+    difference is 0, else NaN (t = mean / 0 is undefined; p = 0 would claim a certainty a few seeds never give)."""
     if n < 2:
         return float("nan")
     if std == 0:
@@ -245,8 +245,10 @@ def report(out, cfg, maskers, classifiers, missing, figures):
         "## Mask settings vs the controls, paired by seed", "",
         "Each setting minus `nomask` and minus `alpha0_1` (same per-location loss, uniform weights), same seed and "
         "balance, in points. p (paired t): two-sided, df = n - 1, assumes normal differences. p (sign-flip): exact, "
-        "two-sided, over all 2^n sign flips; at least 2/2^n (0.25 at n = 3). A p (paired t) of '-' with a std of "
-        "0.0: every seed gave the same non-zero difference, t is undefined; read the sign-flip p.", "", paired_tables(stats), "",
+        "two-sided, over all 2^n sign flips; at least 2/2^n (0.25 at n = 3). A p (paired t) of '-' "
+        "with a std of 0.0: every seed gave the same non-zero difference, t is undefined; read the "
+        "sign-flip p.", "",
+        paired_tables(stats), "",
         "## Class balance: per-class error, each setting next to its --balance twin", "",
         mean_table(classifiers, "setting", per_class + [("weighted mean error %", "weighted_mean_error", 100, 1),
                                                         ("std over classes", "per_class_error_std", 100, 1)]), "",

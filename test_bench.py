@@ -63,15 +63,16 @@ def test_imports_only_leaves():
     assert all(n in tree.body[:first_other] for n in imports)   # every import at the top
 
 
-# ---------------------------------------------------------------------------- review fixes (issue 19)
+# ------------------------------------------------------------------------ review fixes (issue 19)
 
 @pytest.mark.parametrize("case", ["peak_nan", "peak_inf", "json_folder", "out_file", "batch_zero"])
 def test_bad_outputs_and_peak_are_refused_before_any_work(case, tmp_path, capsys):
-    """Before: --peak-seconds inf hung in the matmul peak, nan and the output paths failed with a traceback
-    after the whole bench."""
+    """Before: --peak-seconds inf hung in the matmul peak; nan and the output paths failed with a
+    traceback after the whole bench."""
     (tmp_path / "file.txt").write_text("keep me")
     argv = {"peak_nan": ["--peak-seconds", "nan"], "peak_inf": ["--peak-seconds", "inf"],
-            "json_folder": ["--json", str(tmp_path)], "out_file": ["--out", str(tmp_path / "file.txt")],
+            "json_folder": ["--json", str(tmp_path)],
+            "out_file": ["--out", str(tmp_path / "file.txt")],
             "batch_zero": ["--batch-size", "0"]}[case]
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import DataError, augment, decode_all, decode_mask, fingerprint, list_images, load_set, scan_folder
+from data import (DataError, augment, decode_all, decode_mask, fingerprint, list_images, load_set,
+                  scan_folder)
 
 
 def cell_square(size=16):
@@ -125,8 +126,8 @@ def test_decode_cache_reused_and_invalidated(tmp_path):
 
 
 def swap_same_size_same_mtime(path, color):
-    """Replace `path` with another image of the same byte size and the same mtime (a BMP's size depends
-    only on its width and height): what a copy with `cp -p` or a sync tool can do."""
+    """Replace `path` with another image of the same byte size and mtime (a BMP's size depends only
+    on its width and height): what a copy with `cp -p` or a sync tool can do."""
     stat = path.stat()
     other = path.with_name("other.bmp")
     Image.new("RGB", (20, 20), color).save(other)

@@ -40,8 +40,8 @@ def test_center_weights_3x3_by_hand():
 
 @pytest.mark.parametrize("h,w", [(1, 1), (1, 2), (2, 1), (2, 2)])
 def test_center_weights_without_a_centre_pixel_are_uniform(h, w):
-    # every pixel is a corner (d = d_max everywhere): 1 - d/d_max is 0 everywhere, so no pixel is nearer
-    # the centre than another; the weights are all 1 (plain BCE), never 0/0 = NaN
+    # every pixel is a corner (d = d_max everywhere): 1 - d/d_max is 0 everywhere, no pixel is
+    # nearer the centre than another; the weights are all 1 (plain BCE), never 0/0 = NaN
     assert torch.equal(center_weights(h, w), torch.ones(h, w))
 
 

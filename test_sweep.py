@@ -404,11 +404,11 @@ def test_figures_skip_cleanly_without_matplotlib(tiny_sweep, monkeypatch, capsys
     assert "matplotlib is not installed" in capsys.readouterr().out
 
 
-# ---------------------------------------------------------------------------- review fixes (issue 19)
+# ------------------------------------------------------------------------ review fixes (issue 19)
 
 def test_paired_t_with_equal_differences_is_undefined_not_zero():
     """Zero variance: t = mean/0 has no distribution to read a p from; p = 0 would claim a certainty
-    that 2 or 3 seeds never give. Equal non-zero differences: NaN (the table prints '-' and says why);
+    that 2 or 3 seeds never give. Equal non-zero differences: NaN (the table prints '-', says why);
     all differences 0: p = 1."""
     equal = sweep_report.paired({0: 2.0, 1: 3.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 3.0})
     assert equal["std"] == 0 and equal["mean"] == 1.0 and math.isnan(equal["p_t"])

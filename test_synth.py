@@ -231,7 +231,7 @@ def test_command_line_refuses_bad_root(tmp_path, monkeypatch, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "read_only"], "nothing may be written"
 
 
-# ---------------------------------------------------------------------------- review fixes (issue 19)
+# ------------------------------------------------------------------------ review fixes (issue 19)
 
 def test_non_empty_root_is_refused_unless_force(tmp_path, capsys):
     """Before: a second seed into the same ROOT mixed both on disk while the summary counted one."""
@@ -248,8 +248,9 @@ def test_non_empty_root_is_refused_unless_force(tmp_path, capsys):
     (root / "notes.txt").write_text("mine")
     capsys.readouterr()
     synth.main([str(root), "--seed", "2", "--force"] + tiny)
-    printed = {line.split()[0]: int(line.split()[1]) for line in capsys.readouterr().out.splitlines()
-               if line.startswith(("WBC_", "CAM16"))}
+    lines = capsys.readouterr().out.splitlines()
+    counted = [line.split() for line in lines if line.startswith(("WBC_", "CAM16"))]
+    printed = {words[0]: int(words[1]) for words in counted}
     for split, n in printed.items():   # the summary counts what the disk holds: one seed's files
         on_disk = [p for p in (root / split).rglob("*.jpg")]
         assert len(on_disk) == n, split
