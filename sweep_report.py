@@ -130,7 +130,8 @@ def sign_flip_p(diffs):
 
 def paired_t_p(mean, std, n):
     """Two-sided p of the paired t-test; NaN below 2 seeds. Zero variance: 1 if every
-    difference is 0, else NaN (t = mean / 0 is undefined; p = 0 would claim a certainty a few seeds never give)."""
+    difference is 0, else NaN (t = mean / 0 is undefined; p = 0 would claim a certainty a few
+    seeds never give)."""
     if n < 2:
         return float("nan")
     if std == 0:
