@@ -76,7 +76,11 @@ def parse_args(argv=None):
     g.add_argument("--devices", nargs="+", metavar="DEV", help="run on these devices at once (default: --device)")
     g.add_argument("--jobs-per-device", type=int, default=1, metavar="K", help="runs at once on each of --devices")
     args = p.parse_args(argv)
-    saved = read_json(args.out / "sweep.json") if args.report_only else {}
+    saved = {}
+    if args.report_only:
+        saved, why = read_sweep_json(args.out / "sweep.json")
+        if why:
+            p.error(f"--report-only: {why}")
     for key, default in GRID.items():
         setattr(args, key, getattr(args, key) or saved.get(key, default))
     args.masker_seeds = args.masker_seeds or args.seeds
@@ -100,6 +104,18 @@ def parse_args(argv=None):
 
 def read_json(path):
     return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+
+def read_sweep_json(path):
+    """(the grid a sweep saved, None) or ({}, why not): missing, not JSON, or not a sweep's."""
+    if not Path(path).is_file():
+        return {}, f"{path} not found; point --out at a sweep's folder (or run the sweep first)"
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return {}, f"{path} is unreadable ({type(e).__name__}); rerun the sweep to write it again"
+    if not isinstance(saved, dict) or not isinstance(saved.get("splits"), list):
+        return {}, f"{path} is not a sweep's record (no 'splits' list); point --out at a sweep"
+    return saved, None
 
 def ensure_synth(root, scale, size, seed, confound):
     """Write the synthetic dataset once; ROOT/synth.json, written last, marks it complete (no lock: see the top)."""

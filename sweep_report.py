@@ -21,6 +21,18 @@ CONTROLS = ("nomask", "alpha0_1")   # every mask setting vs both; alpha0_1: the 
 CACHE = ".cache/decoded"   # the trainers' default decode cache: the audit shares it
 AUDIT_VERSION = 4          # bump when audit_run changes, so older audit.json files are redone
 
+def read_sweep_json(path):
+    """(the grid a sweep saved, None) or ({}, why not): missing, not JSON, or not a sweep's."""
+    if not Path(path).is_file():
+        return {}, f"{path} not found; point --out at a sweep's folder (or run the sweep first)"
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return {}, f"{path} is unreadable ({type(e).__name__}); rerun the sweep to write it again"
+    if not isinstance(saved, dict) or not isinstance(saved.get("splits"), list):
+        return {}, f"{path} is not a sweep's record (no 'splits' list); point --out at a sweep"
+    return saved, None
+
 def read_json(path):
     return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
 
@@ -341,7 +353,10 @@ def main(argv=None):
     p.add_argument("--no-figures", action="store_true", help="skip the figures (they need matplotlib)")
     args = p.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    cfg, failures = read_json(args.out / "sweep.json") | args.grid, audit_all(args.out, device)
+    saved, why = read_sweep_json(args.out / "sweep.json")
+    if why:   # not a sweep's folder: no results.md written into it
+        raise DataError(why)
+    cfg, failures = saved | args.grid, audit_all(args.out, device)
     maskers, classifiers = collect(args.out, cfg.get("settings", []))
     missing = [f for f in cfg.get("runs", []) if not (args.out / f / "metrics.json").is_file()]
     figures = [] if args.no_figures else make_figures(args.out, classifiers, device)

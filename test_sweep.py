@@ -417,3 +417,21 @@ def test_paired_t_with_equal_differences_is_undefined_not_zero():
     table = sweep_report.paired_tables([{"metric": "accuracy", "split": 10, "setting": "alpha1_0",
                                          "control": "nomask"} | equal])
     assert "| WBC_10 | alpha1_0 - nomask | 3 | +100.0 | 0.0 | - | 0.250 |" in table
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "foreign_list", "foreign_dict"])
+def test_report_only_without_a_sweep_json_is_one_line(tmp_path, capsys, case):
+    """Before: no sweep.json gave a report of the default grid in any folder; a corrupt one a
+    traceback."""
+    content = {"missing": None, "corrupt": '{"splits": [10', "foreign_list": "[1, 2]",
+               "foreign_dict": json.dumps({"device": "cpu", "peak_flops": 1e9})}[case]   # bench
+    if content is not None:
+        (tmp_path / "sweep.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        sweep.parse_args(["--out", str(tmp_path), "--report-only"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "--report-only" in err[-1]
+    assert str(tmp_path / "sweep.json") in err[-1]
+    assert not (tmp_path / "results.md").exists()
+    with pytest.raises(sweep_report.DataError, match="sweep.json"):   # the report alone says it too
+        sweep_report.main([str(tmp_path), "--no-figures"])
