@@ -217,6 +217,31 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
                         f"{' or '.join(map(str, mask_dirs))}; draw them with train_masker.py (or point --masks there)")
     return full
 
+def image_digests(images):
+    """sha1 of each decoded uint8 image of (N, C, S, S): equal pixels, equal digest."""
+    return [hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest() for a in np.asarray(images)]
+
+def find_leaks(val_images, val_paths, train_images, train_paths):
+    """[(train path, val path)] of the training images whose decoded pixels equal a val image's: a
+    copy under another name or re-saved losslessly (PNG -> BMP) is caught; a lossy re-encoding is
+    not."""
+    val = dict(zip(image_digests(val_images), val_paths))
+    pairs = zip(train_paths, image_digests(train_images))
+    return [(path, val[digest]) for path, digest in pairs if digest in val]
+
+def check_no_leakage(val, *train_sets):
+    """Refuse training ImageSets that hold an image of the val ImageSet (same pixels at the working
+    size): the val scores would reward memorising it. One line names both files."""
+    leaks = []
+    for train in train_sets:
+        leaks += find_leaks(val.images, val.paths, train.images, train.paths)
+    if not leaks:
+        return
+    (train_path, val_path), more = leaks[0], len(leaks) - 1
+    also = f" (and {more} more)" if more else ""
+    raise DataError(f"{train_path} is the same image as the validation image {val_path}{also}: "
+                    f"remove it from training (or from val)")
+
 def batch_indices(n, batch_size, shuffle, drop_last=False):
     """Index tensors of one epoch's batches (torch's global RNG shuffles); drop_last: no ragged last batch."""
     stop = n - n % batch_size if drop_last and n > batch_size else n   # unless it is all: BatchNorm needs 2

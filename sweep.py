@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from data import DataError, list_images, load_checkpoint, save_checkpoint, save_json, wbc_dirs
+from data import (DataError, decode_all, find_leaks, list_images, load_checkpoint, mask_root,
+                  save_checkpoint, save_json, wbc_dirs)
 from synth import write_synth
 
 BASE_SETTINGS = {"nomask": [], "alpha0_1": ["--alpha", "0", "1"], "alpha1_0": ["--alpha", "1", "0"],   # as named by
@@ -36,6 +37,7 @@ SETTINGS = {name + suffix: flags + extra for name, flags in BASE_SETTINGS.items(
 MASKER_LOSSES = ("center", "bce")
 HERE = Path(__file__).resolve().parent
 GRID = dict(splits=[100, 10], seeds=[0, 1, 2], masker_seeds=None, settings=list(SETTINGS), masker_losses=MASKER_LOSSES)
+CACHE = ".cache/decoded"   # the trainers' default decode cache: the leakage guard shares it
 NOT_RECORDED = {"shard", "sharded", "stage", "list", "devices", "jobs_per_device", "report_only", "no_figures"}
 
 def parse_args(argv=None):
@@ -132,19 +134,40 @@ def ensure_synth(root, scale, size, seed, confound):
 def sha1_of(path, mtime_ns, size):
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
-def check_leakage(data_root, split, masks_dir):
-    """A record with 'ok': no val image (sha1) in WBC_<split>'s train images or masks; its own masker's masks."""
+def decoded_leaks(val_paths, train_paths, size):
+    """['train == val'] of the training images with a val image's pixels at `size`."""
+    quiet = lambda *_: None   # noqa: E731
+    val, _, val_bad = decode_all("image", val_paths, size, CACHE, quiet)
+    train, _, train_bad = decode_all("image", train_paths, size, CACHE, quiet)
+    val_keep = [i for i in range(len(val_paths)) if i not in val_bad]   # unreadable ones: zeros
+    train_keep = [i for i in range(len(train_paths)) if i not in train_bad]
+    pairs = find_leaks(val[val_keep], [val_paths[i] for i in val_keep],
+                       train[train_keep], [train_paths[i] for i in train_keep])
+    return [f"{t} == {v}" for t, v in pairs]
+
+def check_leakage(data_root, split, masks_dir, size=64):
+    """A record with 'ok': no val image (its pixels at `size`) in WBC_<split>'s train images or
+    in the masker's --pretrain-on images, no val image file (sha1) among the masks; its own
+    masker's masks."""
     dirs = wbc_dirs(data_root, split)   # list_images: any depth; a missing folder holds none
     digest = lambda p: sha1_of(str(p), os.stat(p).st_mtime_ns, os.stat(p).st_size)   # noqa: E731
-    val = {digest(p): p for p in list_images(dirs["val_data"])}
+    val_paths = list_images(dirs["val_data"])
+    val = {digest(p): p for p in val_paths}
     train, generated = list_images(dirs["train_data"]), list_images(Path(masks_dir) / "train")
-    in_images, in_masks = ([f"{p} == {val[h]}" for p in files if (h := digest(p)) in val]
-                           for files in (train, list_images(dirs["train_mask"]) + generated))
+    masker = read_json(Path(masks_dir).parent / "metrics.json")
+    pretrain_roots = masker.get("pretrain_on") or []
+    pretrain = [p for r in pretrain_roots for p in list_images(mask_root(r, data_root)[0])]
+    in_images = decoded_leaks(val_paths, train, size)
+    in_pretrain = decoded_leaks(val_paths, pretrain, size)
+    in_masks = [f"{p} == {val[digest(p)]}" for p in list_images(dirs["train_mask"]) + generated
+                if digest(p) in val]
     want, have = {(p.parent.name, p.stem) for p in train}, {(p.parent.name, p.stem) for p in generated}
-    masker_split = read_json(Path(masks_dir).parent / "metrics.json").get("split")
-    ok = not (in_images or in_masks or have - want or (generated and want - have) or masker_split not in (None, split))
+    masker_split = masker.get("split")
+    ok = not (in_images or in_masks or in_pretrain or have - want or (generated and want - have)
+              or masker_split not in (None, split))
     return {"ok": ok, "val_images": len(val), "train_images": len(train), "generated_train_masks": len(generated),
             "val_in_train_images": in_images[:20], "val_in_train_masks": in_masks[:20], "masker_split": masker_split,
+            "val_in_pretrain_images": in_pretrain[:20], "pretrain_images": len(pretrain),
             "generated_not_in_split": sorted("/".join(k) for k in have - want)[:20],
             "split_images_without_generated_mask": len(want - have) if generated else None}
 
@@ -183,7 +206,8 @@ def run_one(script, folder, argv, device, args, root, owner, tag):
         masker = Path(argv[argv.index("--masks") + 1]).parent
         why = f"masker {masker} not finished yet (owned by shard {owner[masker]}/{args.shard[1]}); rerun later"
         if (masker / "metrics.json").is_file():
-            leak = check_leakage(root, int(argv[argv.index("--split") + 1]), masker / "masks")
+            split, size = (int(argv[argv.index(flag) + 1]) for flag in ("--split", "--size"))
+            leak = check_leakage(root, split, masker / "masks", size)
             save_json(leak, folder / "leakage.json")
             why = None if leak["ok"] else "leakage check FAILED, not trained: see leakage.json"
         if why:

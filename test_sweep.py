@@ -435,3 +435,63 @@ def test_report_only_without_a_sweep_json_is_one_line(tmp_path, capsys, case):
     assert not (tmp_path / "results.md").exists()
     with pytest.raises(sweep_report.DataError, match="sweep.json"):   # the report alone says it too
         sweep_report.main([str(tmp_path), "--no-figures"])
+
+
+def resave(src, dst):
+    """The same pixels in another file format: other bytes, same image."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as im:
+        im.save(dst)
+
+
+def test_leakage_guard_compares_pixels_and_covers_pretrain_roots(layout, tmp_path):
+    root, gen = layout
+    resave(root / "WBC_100/val/data/A/v1.png", root / "WBC_10/train/data/A/resaved.bmp")
+    png(gen / "train/A/resaved.png", 253)
+    record = sweep.check_leakage(root, 10, gen, size=8)
+    assert not record["ok"] and "resaved.bmp" in record["val_in_train_images"][0], record
+    (root / "WBC_10/train/data/A/resaved.bmp").unlink()
+    (gen / "train/A/resaved.png").unlink()
+    assert sweep.check_leakage(root, 10, gen, size=8)["ok"]
+    cam = tmp_path / "cam"   # the masker pretrained on a root that holds a val image
+    resave(root / "WBC_100/val/data/A/v1.png", cam / "train/data/X/p1.bmp")
+    png(cam / "train/mask/X/p1.png", 255)
+    metrics = {"split": 10, "pretrain_on": [str(cam)]}
+    (tmp_path / "masker" / "metrics.json").write_text(json.dumps(metrics))
+    record = sweep.check_leakage(root, 10, gen, size=8)
+    assert not record["ok"] and "p1.bmp" in record["val_in_pretrain_images"][0], record
+
+
+@pytest.fixture
+def leaky_wbc(tmp_path):
+    """test_robustness's tiny WBC_100 with one val image re-saved as a BMP into train."""
+    from test_robustness import tiny_wbc
+    root = tiny_wbc(tmp_path / "d")
+    val = root / "WBC_100/val/data/A/val_A_0.png"
+    resave(val, root / "WBC_100/train/data/A/copy.bmp")
+    assert (root / "WBC_100/train/data/A/copy.bmp").read_bytes() != val.read_bytes()
+    resave(root / "WBC_100/val/mask/A/val_A_0.png", root / "WBC_100/train/mask/A/copy.png")
+    return root, val
+
+
+@pytest.mark.parametrize("script", ["train_classifier", "train_masker", "pretrain"])
+def test_trainers_refuse_a_val_image_in_training(leaky_wbc, tmp_path, script):
+    from test_robustness import run_argv, tiny_wbc
+    import train_classifier
+    import train_masker
+    root, val = leaky_wbc
+    copy = root / "WBC_100/train/data/A/copy.bmp"
+    if script == "pretrain":   # a clean dataset, a --pretrain-on root that holds the val image
+        pre = tmp_path / "pre"
+        resave(val, pre / "train/data/X/p.bmp")
+        resave(root / "WBC_100/val/mask/A/val_A_0.png", pre / "train/mask/X/p.png")
+        resave(root / "WBC_100/train/data/B/train_B_0.png", pre / "train/data/X/q.png")
+        resave(root / "WBC_100/train/mask/B/train_B_0.png", pre / "train/mask/X/q.bmp")
+        copy.unlink()
+        copy = pre / "train/data/X/p.bmp"
+    main = train_classifier.main if script == "train_classifier" else train_masker.main
+    extra = ["--pretrain-on", str(tmp_path / "pre")] if script == "pretrain" else []
+    with pytest.raises(sweep.DataError) as e:
+        main(run_argv(root, tmp_path / "out", "--dry-run", *extra))
+    message = str(e.value)
+    assert str(copy) in message and str(val) in message and "\n" not in message, message
