@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import DataError, atomic_write, infer, load_checkpoint, load_set, save_json, wbc_dirs
+from data import (DataError, atomic_write, infer, load_checkpoint, load_set, save_json, wbc_dirs,
+                  white_balance)
 from resnet_cls import ResNetClassifier
 
 CONTROLS = ("nomask", "alpha0_1")   # every mask setting vs both; alpha0_1: the same per-location loss, uniform weights
 CACHE = ".cache/decoded"   # the trainers' default decode cache: the audit shares it
-AUDIT_VERSION = 4          # bump when audit_run changes, so older audit.json files are redone
+AUDIT_VERSION = 5          # bump when audit_run changes, so older audit.json files are redone
 
 def read_sweep_json(path):
     """(the grid a sweep saved, None) or ({}, why not): missing, not JSON, or not a sweep's."""
@@ -88,12 +89,30 @@ def logit_maps(model, images, masks, channel, device):
     amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     return infer(model, images, masks, 64, device, amp, mask_channel=channel)
 
+def balanced(images, chunk=64):
+    """uint8 images as the classifier sees them under --white-balance (data.white_balance)."""
+    out = torch.empty_like(images)
+    for start in range(0, len(images), chunk):   # float copies of all of val are big
+        x = images[start:start + chunk].float() / 255
+        out[start:start + chunk] = (white_balance(x) * 255).round().to(torch.uint8)
+    return out
+
+def blanked_views(images, masks, gen_masks, white):
+    """{'full', 'cell', 'background': (uint8 images, their 4th channel or None)}, as the
+    classifier sees them: white-balanced first (then blanked), and no cell in the
+    background-only view's 4th channel."""
+    seen = balanced(images) if white else images
+    no_cell = None if gen_masks is None else torch.zeros_like(gen_masks)
+    return {"full": (seen, gen_masks), "cell": (blank(seen, masks, "cell"), gen_masks),
+            "background": (blank(seen, masks, "background"), no_cell)}
+
 def audit_run(folder, device):
     """audit.json: accuracy on full, cell-only and background-only val images, agreement, CAM share in the mask."""
-    model, _, channel, (images, labels, gen_masks, masks, source) = load_run(folder, device)
-    maps = logit_maps(model, images, gen_masks, channel, device)
+    model, ckpt, channel, (images, labels, gen_masks, masks, source) = load_run(folder, device)
+    views = blanked_views(images, masks, gen_masks, bool(ckpt["args"].get("white_balance")))
+    maps = logit_maps(model, *views["full"], channel, device)
     preds = maps.mean((2, 3)).argmax(1)
-    cell, back = (logit_maps(model, blank(images, masks, keep), gen_masks, channel, device).mean((2, 3)).argmax(1)
+    cell, back = (logit_maps(model, *views[keep], channel, device).mean((2, 3)).argmax(1)
                   for keep in ("cell", "background"))
     acc = lambda a, b: (a == b).float().mean().item()   # noqa: E731
     record = {"version": AUDIT_VERSION, "accuracy": acc(preds, labels), "cell_only_accuracy": acc(cell, labels),
@@ -312,7 +331,8 @@ def plot_examples(plt, folder, path, device, per_class=2):
     model, ckpt, channel, (images, labels, gen_masks, masks, _) = load_run(folder, device)
     classes = [c[:4] for c in ckpt["classes"]]
     pick = torch.cat([(labels == c).nonzero()[:per_class, 0] for c in range(len(classes))])
-    maps = logit_maps(model, images[pick], None if gen_masks is None else gen_masks[pick], channel, device)
+    seen = balanced(images[pick]) if ckpt["args"].get("white_balance") else images[pick]
+    maps = logit_maps(model, seen, None if gen_masks is None else gen_masks[pick], channel, device)
     up = F.interpolate(maps[torch.arange(len(pick)), labels[pick]].clamp_min(0)[:, None], size=images.shape[-2:],
                        mode="bilinear", align_corners=False)[:, 0]
     fig, axes = plt.subplots(1, len(pick), figsize=(1.4 * len(pick), 1.9), squeeze=False)

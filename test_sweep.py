@@ -495,3 +495,20 @@ def test_trainers_refuse_a_val_image_in_training(leaky_wbc, tmp_path, script):
         main(run_argv(root, tmp_path / "out", "--dry-run", *extra))
     message = str(e.value)
     assert str(copy) in message and str(val) in message and "\n" not in message, message
+
+
+def test_audit_blanks_what_the_classifier_sees():
+    """--white-balance: blanking the balanced image (the classifier's input), not the raw one; a
+    mask-channel model's 4th channel is emptied with the cell in the background-only view."""
+    images, masks = two_smears()
+    images[:, :, :4] = 255   # a bright strip: white balance divides by it
+    images[0, 0, :4] = 200   # a yellowish lamp on image 0
+    seen = (sweep_report.white_balance(images.float() / 255) * 255).round().to(torch.uint8)
+    views = sweep_report.blanked_views(images, masks, masks, white=True)
+    assert torch.equal(views["full"][0], seen) and torch.equal(views["full"][1], masks)
+    assert torch.equal(views["cell"][0], sweep_report.blank(seen, masks, "cell"))
+    assert torch.equal(views["background"][0], sweep_report.blank(seen, masks, "background"))
+    assert torch.equal(views["cell"][1], masks) and not views["background"][1].any()
+    plain = sweep_report.blanked_views(images, masks, None, white=False)
+    assert torch.equal(plain["cell"][0], sweep_report.blank(images, masks, "cell"))
+    assert plain["full"][1] is None and plain["background"][1] is None
