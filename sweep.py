@@ -11,6 +11,7 @@ seed's center-loss masks); one with a metrics.json is skipped. --shard I/N takes
 then --report-only. Shards with --synth: first run `sweep.py ARGS --list` once (it synthesises OUT/data) or use --data.
 """
 import argparse
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -18,8 +19,10 @@ import json
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +41,11 @@ MASKER_LOSSES = ("center", "bce")
 HERE = Path(__file__).resolve().parent
 GRID = dict(splits=[100, 10], seeds=[0, 1, 2], masker_seeds=None, settings=list(SETTINGS), masker_losses=MASKER_LOSSES)
 CACHE = ".cache/decoded"   # the trainers' default decode cache: the leakage guard shares it
+STILL_RUNNING = "still running in another process (its folder is locked); rerun later"
+LOCKS = []          # this sweep's locks on OUT (open files): held until main() returns
+CHILDREN = set()    # the trainers running now, stopped with the sweep
+STOP = threading.Event()   # set by SIGTERM, SIGHUP or SIGINT: no new run starts
+STOP.signal_name = None    # which one
 NOT_RECORDED = {"shard", "sharded", "stage", "list", "devices", "jobs_per_device", "report_only", "no_figures"}
 
 def parse_args(argv=None):
@@ -171,6 +179,67 @@ def check_leakage(data_root, split, masks_dir, size=64):
             "generated_not_in_split": sorted("/".join(k) for k in have - want)[:20],
             "split_images_without_generated_mask": len(want - have) if generated else None}
 
+def hold(path, shared):
+    """flock `path` (shared: beside other shared holders; else alone) until release_locks();
+    False if taken."""
+    lock = open(path, "a")
+    try:
+        fcntl.flock(lock, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return False
+    LOCKS.append(lock)
+    return True
+
+def release_locks():
+    while LOCKS:
+        LOCKS.pop().close()
+
+def is_live(folder):
+    """True while a trainer holds `folder` (data.claim_folder's lock; the OS drops a dead one's)."""
+    if not (Path(folder) / ".lock").is_file():
+        return False
+    with open(Path(folder) / ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+def lock_out(args):
+    """Refuse a second sweep on OUT before touching it: a sweep without --shard (or
+    --report-only) runs alone; shards share OUT, each I/N once, one N at a time (their grids
+    would overlap)."""
+    out = args.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot make it ({e.strerror or e})") from None
+    busy = f"{out}: another sweep is running on it; wait for it to end or use another --out"
+    if not args.sharded or args.report_only:
+        if not hold(out / ".lock", shared=False):
+            raise DataError(busy)
+        return None
+    i, n = args.shard
+    if not (hold(out / ".lock", shared=True) and hold(out / f".lock-of-{n}", shared=True)):
+        raise DataError(busy)
+    if not hold(out / f".lock-shard-{i}-of-{n}", shared=False):
+        raise DataError(f"--shard {i}/{n}: already running on {out}; wait for it to end")
+    for other in out.glob(".lock-of-*"):
+        if other.name != f".lock-of-{n}" and not hold(other, shared=False):
+            raise DataError(f"--shard {i}/{n}: shards of another count ({other.name[9:]}) are "
+                            f"running on {out}; run every shard with the same N")
+        if other.name != f".lock-of-{n}":
+            LOCKS.pop().close()   # nobody there: let it go at once
+    return None
+
+def stop_children(signum, frame):
+    """SIGTERM, SIGHUP, SIGINT: no new run starts, each running trainer gets SIGTERM; main waits."""
+    STOP.set()
+    STOP.signal_name = signal.Signals(signum).name
+    for child in list(CHILDREN):
+        child.send_signal(signal.SIGTERM)
+
 def as_flags(**kw):
     """as_flags(batch_size=8, out=p) -> ['--batch-size', '8', '--out', 'p']."""
     return [t for k, v in kw.items() for t in (f"--{k.replace('_', '-')}", str(v))]
@@ -200,6 +269,9 @@ def shard_of(runs, n):
 def run_one(script, folder, argv, device, args, root, owner, tag):
     """`python script argv` on `device` (a classifier after its masker and the leakage check); None or (folder, why)."""
     argv = [device if k and argv[k - 1] == "--device" else a for k, a in enumerate(argv)]
+    if is_live(folder):   # a trainer left by a killed sweep: not ours to restart or to mark failed
+        print(f"{tag} {folder}: {STILL_RUNNING}", flush=True)
+        return str(folder), STILL_RUNNING
     folder.mkdir(parents=True, exist_ok=True)
     save_json({"script": script, "argv": argv}, folder / "args.json")
     if script == "train_classifier.py":
@@ -215,9 +287,15 @@ def run_one(script, folder, argv, device, args, root, owner, tag):
             return str(folder), why
     print(f"{tag} {script} on {device} -> {folder}", flush=True)
     start = time.perf_counter()
-    with open(folder / "stdout.log", "w") as log:   # the trainer's cwd is ours: relative paths hold
-        ok = not subprocess.run([sys.executable, str(HERE / script), *argv], stdout=log, stderr=log).returncode
+    ok = not train(script, argv, folder)
     seconds = time.perf_counter() - start
+    if not ok and STOP.is_set():   # stopped, not failed: a rerun goes on with it
+        record = {"script": script, "argv": argv, "stopped": STOP.signal_name}
+        save_json(record, folder / "args.json")
+        print(f"{tag} stopped by {STOP.signal_name} after {seconds:.0f}s: {folder}", flush=True)
+        return str(folder), f"stopped by {STOP.signal_name}; rerun the sweep to train it"
+    if not ok and is_live(folder):   # another sweep's trainer took the folder first: it goes on
+        return str(folder), STILL_RUNNING
     tail = "" if ok else "\n".join((folder / "stdout.log").read_text().splitlines()[-15:])
     save_json({"script": script, "argv": argv, "ok": ok, "wall_seconds": seconds}, folder / "args.json")
     print(f"{tag} {'done' if ok else 'FAILED'} in {seconds:.0f}s: {folder}" + (f"\n{tail}" if tail else ""), flush=True)
@@ -227,6 +305,18 @@ def run_one(script, folder, argv, device, args, root, owner, tag):
         save_checkpoint(slim | {"slimmed": True}, folder / "checkpoint.pt")
     return None if ok else (str(folder), tail.splitlines()[-1] if tail else "failed")
 
+def train(script, argv, folder):
+    """Run the trainer, known to stop_children while it runs; its exit status."""
+    with open(folder / "stdout.log", "w") as log:   # the trainer's cwd is ours: relative paths hold
+        cmd = [sys.executable, str(HERE / script), *argv]
+        child = subprocess.Popen(cmd, stdout=log, stderr=log)
+        CHILDREN.add(child)
+        if STOP.is_set():   # the signal came between the check and the add
+            child.send_signal(signal.SIGTERM)
+        code = child.wait()
+        CHILDREN.discard(child)
+    return code
+
 def execute(todo, args, root, owner):
     """The maskers of `todo`, then the classifiers, --jobs-per-device at once on each of --devices; the failures."""
     slots, count = queue.Queue(), itertools.count(1)
@@ -235,6 +325,9 @@ def execute(todo, args, root, owner):
 
     def on_a_free_device(run):
         device = slots.get()
+        if STOP.is_set():
+            slots.put(device)
+            return str(run[1]), f"not started: the sweep was stopped by {STOP.signal_name}"
         try:
             return run_one(*run, device, args, root, owner, f"[{next(count)}/{len(todo)}]")
         finally:
@@ -267,9 +360,21 @@ def train_everything(args):
     return execute(todo, args, root, owner)
 
 def main(argv=None):
-    """Train, then (not with --shard or --list) sweep_report.py: {'failures': [(folder, why)], 'report': its status}."""
+    """Lock OUT, train, then (not with --shard or --list) sweep_report.py: {'failures':
+    [(folder, why)], 'report': its status}."""
     args = parse_args(argv)
+    STOP.clear()
+    lock_out(args)
+    try:
+        return train_and_report(args)
+    finally:
+        release_locks()
+
+def train_and_report(args):
+    """main() once OUT is locked."""
     failures, status = [] if args.report_only else train_everything(args), None
+    if STOP.is_set():   # no report of a half-done grid; __main__ says what stopped
+        return {"failures": failures, "report": None}
     if args.sharded and not args.report_only and not args.list:
         print(f"shard {args.shard[0]}/{args.shard[1]} done; once every shard is: python sweep_report.py {args.out}")
     elif not args.list:   # --report-only's grid may differ from sweep.json's
@@ -283,8 +388,14 @@ def main(argv=None):
     return {"failures": failures, "report": status}
 
 if __name__ == "__main__":
+    for name in ("SIGTERM", "SIGHUP", "SIGINT"):   # the trainers stop too; the sweep waits
+        signal.signal(getattr(signal, name), stop_children)
     try:
         result = main()
-        sys.exit(1 if result["failures"] or result["report"] else 0)
     except DataError as e:
         sys.exit(f"error: {e}")
+    if STOP.is_set():
+        stopped = sum(why.startswith("stopped by") for _, why in result["failures"])
+        sys.exit(f"error: stopped by {STOP.signal_name} ({stopped} trainer(s) stopped); "
+                 f"rerun the same command to go on")
+    sys.exit(1 if result["failures"] or result["report"] else 0)

@@ -6,6 +6,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -512,3 +513,68 @@ def test_audit_blanks_what_the_classifier_sees():
     plain = sweep_report.blanked_views(images, masks, None, white=False)
     assert torch.equal(plain["cell"][0], sweep_report.blank(images, masks, "cell"))
     assert plain["full"][1] is None and plain["background"][1] is None
+
+
+MASKER_ONLY = SWEEP2 + ["--stage", "masker"]
+
+
+def test_a_second_sweep_on_one_out_is_refused_before_it_touches_anything(tmp_path, synth_root):
+    out = tmp_path / "out"
+    first = sweep.parse_args(["--data", str(synth_root), "--out", str(out)] + MASKER_ONLY)
+    sweep.lock_out(first)   # a live sweep (this process holds its lock)
+    try:
+        for more in ([], ["--shard", "0/2"]):
+            with pytest.raises(sweep.DataError, match="another sweep"):
+                sweep.main(["--data", str(synth_root), "--out", str(out)] + MASKER_ONLY + more)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]   # no sweep.json, no run folder
+    finally:
+        sweep.release_locks()
+    shard = lambda k: sweep.parse_args(["--out", str(out), "--shard", k] + SWEEP2)   # noqa: E731
+    sweep.lock_out(shard("0/2"))   # shards of one N side by side; one twice or another N: no
+    try:
+        assert sweep.lock_out(shard("1/2")) is None
+        for bad in ("0/2", "0/3"):
+            with pytest.raises(sweep.DataError, match=f"--shard {bad}"):
+                sweep.lock_out(shard(bad))
+    finally:
+        sweep.release_locks()
+
+
+def test_a_rerun_leaves_a_live_run_alone(tmp_path, synth_root):
+    """A trainer still running (its folder locked: here by this process) is neither restarted nor
+    marked failed, and its log is not truncated."""
+    import data
+    out = tmp_path / "out"
+    masker = out / "masker" / "WBC_100_center_seed0"
+    data.claim_folder(masker)
+    try:
+        (masker / "stdout.log").write_text("epoch 1 ...\n")
+        (masker / "args.json").write_text(json.dumps({"script": "train_masker.py", "argv": []}))
+        argv = ["--data", str(synth_root), "--out", str(out), "--shard", "0/1"] + MASKER_ONLY
+        result = sweep.main(argv)
+    finally:
+        data.HELD.pop().close()
+    assert result["failures"] == [(str(masker), sweep.STILL_RUNNING)]
+    assert (masker / "stdout.log").read_text() == "epoch 1 ...\n"
+    assert "ok" not in json.loads((masker / "args.json").read_text())
+
+
+def test_sigterm_stops_the_sweep_and_its_trainers(tmp_path, synth_root):
+    out = tmp_path / "out"
+    slow = MASKER_ONLY + ["--masker-epochs", "500"]   # minutes: only a signal ends it in time
+    cmd = [sys.executable, str(HERE / "sweep.py"), "--data", str(synth_root), "--out", str(out)]
+    proc = subprocess.Popen(cmd + slow, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    masker = out / "masker" / "WBC_100_center_seed0"
+    deadline = time.time() + 60
+    while not sweep.is_live(masker) and time.time() < deadline:   # the trainer holds its folder
+        time.sleep(0.2)
+    assert sweep.is_live(masker), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    last = stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("error: stopped by SIGTERM"), stderr
+    assert not sweep.is_live(masker)   # the trainer ended before the sweep did
+    record = json.loads((masker / "args.json").read_text())
+    assert record["stopped"] == "SIGTERM" and "ok" not in record   # stopped, not failed
+    assert not (out / "results.md").exists()
