@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, tv_tensors
 from torchvision.transforms import v2
 
-from data import IMAGENET_MEAN, IMAGENET_STD, atomic_write, save_json
+from data import IMAGENET_MEAN, IMAGENET_STD, DataError, atomic_write, save_json
 from losses import center_bce, mask_weighted_ce
 from resnet_cls import build_classifier
 from unet import UNet
@@ -97,6 +97,9 @@ def check_flags(p, args):
         p.error(f"--json {args.json}: {Path(args.json).parent} is a file, not a folder")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out}: an existing file; give a folder (--json takes a file)")
+    for flag, folder in (("--json", args.json and Path(args.json).parent), ("--out", args.out)):
+        if folder and Path(folder).is_dir() and not os.access(folder, os.W_OK):   # else: at the end
+            p.error(f"{flag} {getattr(args, flag[2:])}: cannot write in {folder}")
 
 
 def timed(fn, device):
@@ -270,4 +273,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:   # a full disk while writing --json or --out: one line
+        sys.exit(f"error: {e}")

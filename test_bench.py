@@ -79,3 +79,17 @@ def test_bad_outputs_and_peak_are_refused_before_any_work(case, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and f"error: {argv[0]}" in err[-1], err
     assert (tmp_path / "file.txt").read_text() == "keep me"
+
+
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(["--out", str(folder)])
+    finally:
+        folder.chmod(0o755)
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err.splitlines()[-1]

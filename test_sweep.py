@@ -216,7 +216,7 @@ def test_shards_split_the_grid_by_its_order_not_by_what_has_finished(tmp_path):
     for _, folder, _ in runs[::2]:                                              # half of them finish
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text("{}")
-    (tmp_path / "sweep.json").write_text(json.dumps({"splits": [100, 10]}))   # --report-only needs one
+    (tmp_path / "sweep.json").write_text(json.dumps({"splits": [100, 10]}))   # --report-only needs it
     assert sweep.shard_of(sweep.grid_runs(small_grid(tmp_path, "--report-only")), 3) == owner
     assert sweep.shard_of(runs, 1) == dict.fromkeys(owner, 0)
 
@@ -579,3 +579,10 @@ def test_sigterm_stops_the_sweep_and_its_trainers(tmp_path, synth_root):
     record = json.loads((masker / "args.json").read_text())
     assert record["stopped"] == "SIGTERM" and "ok" not in record   # stopped, not failed
     assert not (out / "results.md").exists()
+
+
+def test_repeated_grid_values_give_one_run_a_folder(tmp_path):
+    args = sweep.parse_args(["--out", str(tmp_path), "--splits", "10", "10", "--seeds", "0", "0",
+                             "--settings", "nomask", "nomask", "--masker-losses", "bce", "bce"])
+    folders = [f for _, f, _ in sweep.grid_runs(args)]
+    assert len(folders) == len(set(folders)) == 3   # 2 maskers (center, bce), 1 classifier
