@@ -95,7 +95,7 @@ def parse_args(argv=None):
         setattr(args, key, getattr(args, key) or saved.get(key, default))
     args.masker_seeds = args.masker_seeds or args.seeds
     args.masker_losses = ["center"] + [x for x in args.masker_losses if x != "center"]
-    for key in ("splits", "seeds", "masker_seeds", "masker_losses"):   # --seeds 0 0: one run a folder
+    for key in ("splits", "seeds", "masker_seeds", "masker_losses"):   # --seeds 0 0: one run
         setattr(args, key, list(dict.fromkeys(getattr(args, key))))
     i, _, n = (args.shard or "0/1").partition("/")
     unavailable = [d for d in [args.device] + (args.devices or []) if d not in ("auto", "cpu")

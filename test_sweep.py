@@ -216,7 +216,7 @@ def test_shards_split_the_grid_by_its_order_not_by_what_has_finished(tmp_path):
     for _, folder, _ in runs[::2]:                                              # half of them finish
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text("{}")
-    (tmp_path / "sweep.json").write_text(json.dumps({"splits": [100, 10]}))   # --report-only needs it
+    (tmp_path / "sweep.json").write_text(json.dumps({"splits": [100, 10]}))   # for --report-only
     assert sweep.shard_of(sweep.grid_runs(small_grid(tmp_path, "--report-only")), 3) == owner
     assert sweep.shard_of(runs, 1) == dict.fromkeys(owner, 0)
 
