@@ -35,7 +35,14 @@ def read_sweep_json(path):
     return saved, None
 
 def read_json(path):
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    """A JSON file's content, {} if it is absent; one that is not JSON: a DataError naming it."""
+    if not Path(path).is_file():
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not valid JSON ({type(e).__name__}); fix it, or remove its run's "
+                        f"folder and rerun the sweep") from None
 
 @functools.lru_cache(maxsize=8)
 def load_val(root, split, size, classes, generated):
@@ -128,7 +135,11 @@ def audit_all(out, device):
     failures = []
     for folder in sorted(p.parent for p in Path(out).glob("classifier/WBC_*/*/seed*/metrics.json")):
         audit, ckpt = folder / "audit.json", folder / "checkpoint.pt"
-        if read_json(audit).get("version") != AUDIT_VERSION or audit.stat().st_mtime < ckpt.stat().st_mtime:
+        try:
+            current = read_json(audit).get("version") == AUDIT_VERSION
+        except DataError:   # a damaged audit.json is redone
+            current = False
+        if not current or audit.stat().st_mtime < ckpt.stat().st_mtime:
             try:
                 audit_run(folder, device)
             except (Exception, SystemExit) as e:   # SystemExit: load_checkpoint's clear errors; listed by main

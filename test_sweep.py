@@ -586,3 +586,12 @@ def test_repeated_grid_values_give_one_run_a_folder(tmp_path):
                              "--settings", "nomask", "nomask", "--masker-losses", "bce", "bce"])
     folders = [f for _, f, _ in sweep.grid_runs(args)]
     assert len(folders) == len(set(folders)) == 3   # 2 maskers (center, bce), 1 classifier
+
+
+def test_report_names_a_damaged_metrics_json(tmp_path):
+    (tmp_path / "sweep.json").write_text(json.dumps({"splits": [10], "settings": ["nomask"]}))
+    run = tmp_path / "classifier/WBC_10/nomask/seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text("{bad")
+    with pytest.raises(sweep_report.DataError, match="metrics.json: not valid JSON"):
+        sweep_report.main([str(tmp_path), "--no-figures"])
