@@ -227,12 +227,13 @@ def lock_out(args):
         raise DataError(busy)
     if not hold(out / f".lock-shard-{i}-of-{n}", shared=False):
         raise DataError(f"--shard {i}/{n}: already running on {out}; wait for it to end")
-    for other in out.glob(".lock-of-*"):
-        if other.name != f".lock-of-{n}" and not hold(other, shared=False):
+    for other in out.glob(".lock-of-*"):   # taken alone: no shard of that N runs
+        if other.name == f".lock-of-{n}":
+            continue
+        if not hold(other, shared=False):
             raise DataError(f"--shard {i}/{n}: shards of another count ({other.name[9:]}) are "
                             f"running on {out}; run every shard with the same N")
-        if other.name != f".lock-of-{n}":
-            LOCKS.pop().close()   # nobody there: let it go at once
+        LOCKS.pop().close()   # nobody there: let it go at once
     return None
 
 def stop_children(signum, frame):
