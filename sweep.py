@@ -9,6 +9,8 @@ Runs: OUT/masker/WBC_<split>_<loss>_seed<k>/, OUT/classifier/WBC_<split>/<settin
 seed's center-loss masks); one with a metrics.json is skipped. --shard I/N takes run k of the grid when k % N == I
 (no report); a classifier whose masker is unfinished fails: run --stage masker on all shards, then --stage classifier,
 then --report-only. Shards with --synth: first run `sweep.py ARGS --list` once (it synthesises OUT/data) or use --data.
+A second sweep on OUT is refused (shards of one N share it); a run whose trainer still runs is left
+alone. SIGTERM, SIGHUP or Ctrl-C stop the running trainers, wait for them, and a rerun goes on.
 """
 import argparse
 import fcntl
@@ -86,17 +88,7 @@ def parse_args(argv=None):
     g.add_argument("--devices", nargs="+", metavar="DEV", help="run on these devices at once (default: --device)")
     g.add_argument("--jobs-per-device", type=int, default=1, metavar="K", help="runs at once on each of --devices")
     args = p.parse_args(argv)
-    saved = {}
-    if args.report_only:
-        saved, why = read_sweep_json(args.out / "sweep.json")
-        if why:
-            p.error(f"--report-only: {why}")
-    for key, default in GRID.items():
-        setattr(args, key, getattr(args, key) or saved.get(key, default))
-    args.masker_seeds = args.masker_seeds or args.seeds
-    args.masker_losses = ["center"] + [x for x in args.masker_losses if x != "center"]
-    for key in ("splits", "seeds", "masker_seeds", "masker_losses"):   # --seeds 0 0: one run
-        setattr(args, key, list(dict.fromkeys(getattr(args, key))))
+    fill_grid(p, args)
     i, _, n = (args.shard or "0/1").partition("/")
     unavailable = [d for d in [args.device] + (args.devices or []) if d not in ("auto", "cpu")
                    and not (d.split(":")[0] == "cuda" and torch.cuda.is_available())]
@@ -113,6 +105,21 @@ def parse_args(argv=None):
     args.synth = args.synth or args.confound is not None
     args.sharded, args.shard = bool(args.shard), (int(i), int(n))
     return args
+
+def fill_grid(p, args):
+    """The grid flags left out: from OUT/sweep.json with --report-only (refused unless a sweep's),
+    else GRID's defaults; each value once."""
+    saved = {}
+    if args.report_only:
+        saved, why = read_sweep_json(args.out / "sweep.json")
+        if why:
+            p.error(f"--report-only: {why}")
+    for key, default in GRID.items():
+        setattr(args, key, getattr(args, key) or saved.get(key, default))
+    args.masker_seeds = args.masker_seeds or args.seeds
+    args.masker_losses = ["center"] + [x for x in args.masker_losses if x != "center"]
+    for key in ("splits", "seeds", "masker_seeds", "masker_losses"):   # --seeds 0 0: one run
+        setattr(args, key, list(dict.fromkeys(getattr(args, key))))
 
 def read_json(path):
     return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
