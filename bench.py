@@ -15,6 +15,7 @@ recipe. Timings only mean something on a quiet machine. E.g. python bench.py --s
 """
 import argparse
 import csv
+import math
 import os
 import statistics
 import subprocess
@@ -32,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, tv_tensors
 from torchvision.transforms import v2
 
-from data import IMAGENET_MEAN, IMAGENET_STD, atomic_write, save_json
+from data import IMAGENET_MEAN, IMAGENET_STD, DataError, atomic_write, save_json
 from losses import center_bce, mask_weighted_ce
 from resnet_cls import build_classifier
 from unet import UNet
@@ -62,11 +63,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.batches = {m: args.unet_batch_size or args.batch_size if m == "unet" else args.batch_size for m in args.models}
     args.images = args.images or 4 * max(args.batches.values())
-    if args.size < 32 or ("unet" in args.models and args.size % 32) or min(args.batches.values()) < 2 \
-            or min(args.steps, args.epochs) < 1 or args.workers < 0 or args.peak_seconds <= 0 \
-            or args.images < 2 * max(args.batches.values()):
-        p.error("need --size >= 32 (a multiple of 32 for the UNet), batch sizes >= 2, --images >= 2 of the largest "
-                "batch, --steps and --epochs >= 1, --workers >= 0, --peak-seconds > 0")
+    check_flags(p, args)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device != "cpu" and not torch.cuda.is_available()):
         p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")
@@ -74,6 +71,35 @@ def parse_args(argv=None):
     args.amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16") \
         if args.device.type == "cuda" else "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
     return args
+
+
+def check_flags(p, args):
+    """One argparse error per broken rule, before any work: the user learns which rule failed."""
+    if args.size < 32:
+        p.error(f"--size {args.size}: need >= 32")
+    if "unet" in args.models and args.size % 32:
+        p.error(f"--size {args.size}: the UNet needs a multiple of 32 (or --models classifier)")
+    if args.batch_size < 2:
+        p.error(f"--batch-size {args.batch_size}: need >= 2 (BatchNorm)")
+    if min(args.batches.values()) < 2:
+        p.error(f"--unet-batch-size {args.unet_batch_size}: need >= 2 (BatchNorm)")
+    if args.images < 2 * max(args.batches.values()):
+        p.error(f"--images {args.images}: need at least 2 batches of the largest batch size")
+    if args.steps < 1 or args.epochs < 1:
+        p.error("--steps and --epochs: need >= 1")
+    if args.workers < 0:
+        p.error(f"--workers {args.workers}: need >= 0")
+    if not (math.isfinite(args.peak_seconds) and args.peak_seconds > 0):   # inf: no end
+        p.error(f"--peak-seconds {args.peak_seconds}: need a finite number > 0")
+    if args.json and Path(args.json).is_dir():
+        p.error(f"--json {args.json}: a folder; give a file name (--out takes a folder)")
+    if args.json and Path(args.json).parent.exists() and not Path(args.json).parent.is_dir():
+        p.error(f"--json {args.json}: {Path(args.json).parent} is a file, not a folder")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out}: an existing file; give a folder (--json takes a file)")
+    for flag, folder in (("--json", args.json and Path(args.json).parent), ("--out", args.out)):
+        if folder and Path(folder).is_dir() and not os.access(folder, os.W_OK):   # else: at the end
+            p.error(f"{flag} {getattr(args, flag[2:])}: cannot write in {folder}")
 
 
 def timed(fn, device):
@@ -247,4 +273,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:   # a full disk while writing --json or --out: one line
+        sys.exit(f"error: {e}")

@@ -2,7 +2,8 @@
 
 Layout: ROOT/WBC_<split>/train/{data,mask}/<Class>/<stem>.<ext>, validation in ROOT/WBC_100/val. Masks: cell =
 8-bit value >= 64 (robust to JPEG noise; counts the 128 cytoplasm of 0/128/255 masks), a 0/1 mask when its max is 1,
-palette index != 0. Decoded arrays are cached as .npy in --cache, keyed by each file's path, bytes, mtime and size."""
+palette index != 0. Decoded arrays are cached as .npy in --cache, keyed by each file's path, size,
+mtime, ctime and inode."""
 import csv
 import fcntl
 import hashlib
@@ -124,8 +125,12 @@ def decode_one(job):
         return None, None, f"{type(e).__name__}: {e}"   # this one file is reported by name, not the whole run
 
 def fingerprint(paths, extra=""):
-    """Hash of the files' paths, bytes and mtimes: the decode cache's key; --resume refuses changed data."""
-    stats = (f"\n{os.path.abspath(p)} {st.st_size} {st.st_mtime_ns}" for p in paths for st in [os.stat(p)])
+    """Hash of each file's path, size, mtime, ctime and inode (not its bytes): the decode
+    cache's key; --resume refuses changed data. ctime and inode catch a file swapped for one
+    of the same size and mtime (cp -p, rsync -t): the OS sets them, a copy cannot. A chmod or
+    a move changes them too: the cache decodes again, --resume refuses."""
+    stats = (f"\n{os.path.abspath(p)} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
+             for p in paths for st in [os.stat(p)])
     return hashlib.sha1((f"{CACHE_VERSION} {extra}" + "".join(stats)).encode()).hexdigest()[:20]
 
 def decode_all(kind, paths, size, cache_dir=None, log=print):
@@ -211,6 +216,31 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
         raise DataError(f"{len(missing)} of {len(full)} images of {data_dir} have no mask in "
                         f"{' or '.join(map(str, mask_dirs))}; draw them with train_masker.py (or point --masks there)")
     return full
+
+def image_digests(images):
+    """sha1 of each decoded uint8 image of (N, C, S, S): equal pixels, equal digest."""
+    return [hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest() for a in np.asarray(images)]
+
+def find_leaks(val_images, val_paths, train_images, train_paths):
+    """[(train path, val path)] of the training images whose decoded pixels equal a val image's: a
+    copy under another name or re-saved losslessly (PNG -> BMP) is caught; a lossy re-encoding is
+    not."""
+    val = dict(zip(image_digests(val_images), val_paths))
+    pairs = zip(train_paths, image_digests(train_images))
+    return [(path, val[digest]) for path, digest in pairs if digest in val]
+
+def check_no_leakage(val, *train_sets):
+    """Refuse training ImageSets that hold an image of the val ImageSet (same pixels at the working
+    size): the val scores would reward memorising it. One line names both files."""
+    leaks = []
+    for train in train_sets:
+        leaks += find_leaks(val.images, val.paths, train.images, train.paths)
+    if not leaks:
+        return
+    (train_path, val_path), more = leaks[0], len(leaks) - 1
+    also = f" (and {more} more)" if more else ""
+    raise DataError(f"{train_path} is the same image as the validation image {val_path}{also}: "
+                    f"remove it from training (or from val)")
 
 def batch_indices(n, batch_size, shuffle, drop_last=False):
     """Index tensors of one epoch's batches (torch's global RNG shuffles); drop_last: no ragged last batch."""

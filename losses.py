@@ -26,7 +26,7 @@ def center_weights(h, w, device=None):
     xs = torch.arange(w, device=device, dtype=torch.float32) + 0.5 - w / 2
     d = torch.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2)
     d_max = d[0, 0]
-    if d_max == 0:  # a 1x1 image: its only pixel is the centre
+    if (d == d_max).all():  # 1x1, 1x2, 2x2: every pixel a corner, none nearer the centre
         return torch.ones(h, w, device=device)
     weight = 1 - d / d_max
     return weight / weight.mean()

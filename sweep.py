@@ -9,8 +9,11 @@ Runs: OUT/masker/WBC_<split>_<loss>_seed<k>/, OUT/classifier/WBC_<split>/<settin
 seed's center-loss masks); one with a metrics.json is skipped. --shard I/N takes run k of the grid when k % N == I
 (no report); a classifier whose masker is unfinished fails: run --stage masker on all shards, then --stage classifier,
 then --report-only. Shards with --synth: first run `sweep.py ARGS --list` once (it synthesises OUT/data) or use --data.
+A second sweep on OUT is refused (shards of one N share it); a run whose trainer still runs is left
+alone. SIGTERM, SIGHUP or Ctrl-C stop the running trainers, wait for them, and a rerun goes on.
 """
 import argparse
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -18,15 +21,18 @@ import json
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from data import DataError, list_images, load_checkpoint, save_checkpoint, save_json, wbc_dirs
+from data import (DataError, decode_all, find_leaks, list_images, load_checkpoint, mask_root,
+                  save_checkpoint, save_json, wbc_dirs)
 from synth import write_synth
 
 BASE_SETTINGS = {"nomask": [], "alpha0_1": ["--alpha", "0", "1"], "alpha1_0": ["--alpha", "1", "0"],   # as named by
@@ -36,6 +42,12 @@ SETTINGS = {name + suffix: flags + extra for name, flags in BASE_SETTINGS.items(
 MASKER_LOSSES = ("center", "bce")
 HERE = Path(__file__).resolve().parent
 GRID = dict(splits=[100, 10], seeds=[0, 1, 2], masker_seeds=None, settings=list(SETTINGS), masker_losses=MASKER_LOSSES)
+CACHE = ".cache/decoded"   # the trainers' default decode cache: the leakage guard shares it
+STILL_RUNNING = "still running in another process (its folder is locked); rerun later"
+LOCKS = []          # this sweep's locks on OUT (open files): held until main() returns
+CHILDREN = set()    # the trainers running now, stopped with the sweep
+STOP = threading.Event()   # set by SIGTERM, SIGHUP or SIGINT: no new run starts
+STOP.signal_name = None    # which one
 NOT_RECORDED = {"shard", "sharded", "stage", "list", "devices", "jobs_per_device", "report_only", "no_figures"}
 
 def parse_args(argv=None):
@@ -76,11 +88,7 @@ def parse_args(argv=None):
     g.add_argument("--devices", nargs="+", metavar="DEV", help="run on these devices at once (default: --device)")
     g.add_argument("--jobs-per-device", type=int, default=1, metavar="K", help="runs at once on each of --devices")
     args = p.parse_args(argv)
-    saved = read_json(args.out / "sweep.json") if args.report_only else {}
-    for key, default in GRID.items():
-        setattr(args, key, getattr(args, key) or saved.get(key, default))
-    args.masker_seeds = args.masker_seeds or args.seeds
-    args.masker_losses = ["center"] + [x for x in args.masker_losses if x != "center"]
+    fill_grid(p, args)
     i, _, n = (args.shard or "0/1").partition("/")
     unavailable = [d for d in [args.device] + (args.devices or []) if d not in ("auto", "cpu")
                    and not (d.split(":")[0] == "cuda" and torch.cuda.is_available())]
@@ -98,8 +106,35 @@ def parse_args(argv=None):
     args.sharded, args.shard = bool(args.shard), (int(i), int(n))
     return args
 
+def fill_grid(p, args):
+    """The grid flags left out: from OUT/sweep.json with --report-only (refused unless a sweep's),
+    else GRID's defaults; each value once."""
+    saved = {}
+    if args.report_only:
+        saved, why = read_sweep_json(args.out / "sweep.json")
+        if why:
+            p.error(f"--report-only: {why}")
+    for key, default in GRID.items():
+        setattr(args, key, getattr(args, key) or saved.get(key, default))
+    args.masker_seeds = args.masker_seeds or args.seeds
+    args.masker_losses = ["center"] + [x for x in args.masker_losses if x != "center"]
+    for key in ("splits", "seeds", "masker_seeds", "masker_losses"):   # --seeds 0 0: one run
+        setattr(args, key, list(dict.fromkeys(getattr(args, key))))
+
 def read_json(path):
     return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+
+def read_sweep_json(path):
+    """(the grid a sweep saved, None) or ({}, why not): missing, not JSON, or not a sweep's."""
+    if not Path(path).is_file():
+        return {}, f"{path} not found; point --out at a sweep's folder (or run the sweep first)"
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return {}, f"{path} is unreadable ({type(e).__name__}); rerun the sweep to write it again"
+    if not isinstance(saved, dict) or not isinstance(saved.get("splits"), list):
+        return {}, f"{path} is not a sweep's record (no 'splits' list); point --out at a sweep"
+    return saved, None
 
 def ensure_synth(root, scale, size, seed, confound):
     """Write the synthetic dataset once; ROOT/synth.json, written last, marks it complete (no lock: see the top)."""
@@ -116,21 +151,104 @@ def ensure_synth(root, scale, size, seed, confound):
 def sha1_of(path, mtime_ns, size):
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
-def check_leakage(data_root, split, masks_dir):
-    """A record with 'ok': no val image (sha1) in WBC_<split>'s train images or masks; its own masker's masks."""
+def decoded_leaks(val_paths, train_paths, size):
+    """['train == val'] of the training images with a val image's pixels at `size`."""
+    quiet = lambda *_: None   # noqa: E731
+    val, _, val_bad = decode_all("image", val_paths, size, CACHE, quiet)
+    train, _, train_bad = decode_all("image", train_paths, size, CACHE, quiet)
+    val_keep = [i for i in range(len(val_paths)) if i not in val_bad]   # unreadable ones: zeros
+    train_keep = [i for i in range(len(train_paths)) if i not in train_bad]
+    pairs = find_leaks(val[val_keep], [val_paths[i] for i in val_keep],
+                       train[train_keep], [train_paths[i] for i in train_keep])
+    return [f"{t} == {v}" for t, v in pairs]
+
+def check_leakage(data_root, split, masks_dir, size=64):
+    """A record with 'ok': no val image (its pixels at `size`) in WBC_<split>'s train images or
+    in the masker's --pretrain-on images, no val image file (sha1) among the masks; its own
+    masker's masks."""
     dirs = wbc_dirs(data_root, split)   # list_images: any depth; a missing folder holds none
     digest = lambda p: sha1_of(str(p), os.stat(p).st_mtime_ns, os.stat(p).st_size)   # noqa: E731
-    val = {digest(p): p for p in list_images(dirs["val_data"])}
+    val_paths = list_images(dirs["val_data"])
+    val = {digest(p): p for p in val_paths}
     train, generated = list_images(dirs["train_data"]), list_images(Path(masks_dir) / "train")
-    in_images, in_masks = ([f"{p} == {val[h]}" for p in files if (h := digest(p)) in val]
-                           for files in (train, list_images(dirs["train_mask"]) + generated))
+    masker = read_json(Path(masks_dir).parent / "metrics.json")
+    pretrain_roots = masker.get("pretrain_on") or []
+    pretrain = [p for r in pretrain_roots for p in list_images(mask_root(r, data_root)[0])]
+    in_images = decoded_leaks(val_paths, train, size)
+    in_pretrain = decoded_leaks(val_paths, pretrain, size)
+    in_masks = [f"{p} == {val[digest(p)]}" for p in list_images(dirs["train_mask"]) + generated
+                if digest(p) in val]
     want, have = {(p.parent.name, p.stem) for p in train}, {(p.parent.name, p.stem) for p in generated}
-    masker_split = read_json(Path(masks_dir).parent / "metrics.json").get("split")
-    ok = not (in_images or in_masks or have - want or (generated and want - have) or masker_split not in (None, split))
+    masker_split = masker.get("split")
+    ok = not (in_images or in_masks or in_pretrain or have - want or (generated and want - have)
+              or masker_split not in (None, split))
     return {"ok": ok, "val_images": len(val), "train_images": len(train), "generated_train_masks": len(generated),
             "val_in_train_images": in_images[:20], "val_in_train_masks": in_masks[:20], "masker_split": masker_split,
+            "val_in_pretrain_images": in_pretrain[:20], "pretrain_images": len(pretrain),
             "generated_not_in_split": sorted("/".join(k) for k in have - want)[:20],
             "split_images_without_generated_mask": len(want - have) if generated else None}
+
+def hold(path, shared):
+    """flock `path` (shared: beside other shared holders; else alone) until release_locks();
+    False if taken."""
+    lock = open(path, "a")
+    try:
+        fcntl.flock(lock, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return False
+    LOCKS.append(lock)
+    return True
+
+def release_locks():
+    while LOCKS:
+        LOCKS.pop().close()
+
+def is_live(folder):
+    """True while a trainer holds `folder` (data.claim_folder's lock; the OS drops a dead one's)."""
+    if not (Path(folder) / ".lock").is_file():
+        return False
+    with open(Path(folder) / ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+def lock_out(args):
+    """Refuse a second sweep on OUT before touching it: a sweep without --shard (or
+    --report-only) runs alone; shards share OUT, each I/N once, one N at a time (their grids
+    would overlap)."""
+    out = args.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot make it ({e.strerror or e})") from None
+    busy = f"{out}: another sweep is running on it; wait for it to end or use another --out"
+    if not args.sharded or args.report_only:
+        if not hold(out / ".lock", shared=False):
+            raise DataError(busy)
+        return None
+    i, n = args.shard
+    if not (hold(out / ".lock", shared=True) and hold(out / f".lock-of-{n}", shared=True)):
+        raise DataError(busy)
+    if not hold(out / f".lock-shard-{i}-of-{n}", shared=False):
+        raise DataError(f"--shard {i}/{n}: already running on {out}; wait for it to end")
+    for other in out.glob(".lock-of-*"):   # taken alone: no shard of that N runs
+        if other.name == f".lock-of-{n}":
+            continue
+        if not hold(other, shared=False):
+            raise DataError(f"--shard {i}/{n}: shards of another count ({other.name[9:]}) are "
+                            f"running on {out}; run every shard with the same N")
+        LOCKS.pop().close()   # nobody there: let it go at once
+    return None
+
+def stop_children(signum, frame):
+    """SIGTERM, SIGHUP, SIGINT: no new run starts, each running trainer gets SIGTERM; main waits."""
+    STOP.set()
+    STOP.signal_name = signal.Signals(signum).name
+    for child in list(CHILDREN):
+        child.send_signal(signal.SIGTERM)
 
 def as_flags(**kw):
     """as_flags(batch_size=8, out=p) -> ['--batch-size', '8', '--out', 'p']."""
@@ -161,13 +279,17 @@ def shard_of(runs, n):
 def run_one(script, folder, argv, device, args, root, owner, tag):
     """`python script argv` on `device` (a classifier after its masker and the leakage check); None or (folder, why)."""
     argv = [device if k and argv[k - 1] == "--device" else a for k, a in enumerate(argv)]
+    if is_live(folder):   # a trainer left by a killed sweep: not ours to restart or to mark failed
+        print(f"{tag} {folder}: {STILL_RUNNING}", flush=True)
+        return str(folder), STILL_RUNNING
     folder.mkdir(parents=True, exist_ok=True)
     save_json({"script": script, "argv": argv}, folder / "args.json")
     if script == "train_classifier.py":
         masker = Path(argv[argv.index("--masks") + 1]).parent
         why = f"masker {masker} not finished yet (owned by shard {owner[masker]}/{args.shard[1]}); rerun later"
         if (masker / "metrics.json").is_file():
-            leak = check_leakage(root, int(argv[argv.index("--split") + 1]), masker / "masks")
+            split, size = (int(argv[argv.index(flag) + 1]) for flag in ("--split", "--size"))
+            leak = check_leakage(root, split, masker / "masks", size)
             save_json(leak, folder / "leakage.json")
             why = None if leak["ok"] else "leakage check FAILED, not trained: see leakage.json"
         if why:
@@ -175,9 +297,15 @@ def run_one(script, folder, argv, device, args, root, owner, tag):
             return str(folder), why
     print(f"{tag} {script} on {device} -> {folder}", flush=True)
     start = time.perf_counter()
-    with open(folder / "stdout.log", "w") as log:   # the trainer's cwd is ours: relative paths hold
-        ok = not subprocess.run([sys.executable, str(HERE / script), *argv], stdout=log, stderr=log).returncode
+    ok = not train(script, argv, folder)
     seconds = time.perf_counter() - start
+    if not ok and STOP.is_set():   # stopped, not failed: a rerun goes on with it
+        record = {"script": script, "argv": argv, "stopped": STOP.signal_name}
+        save_json(record, folder / "args.json")
+        print(f"{tag} stopped by {STOP.signal_name} after {seconds:.0f}s: {folder}", flush=True)
+        return str(folder), f"stopped by {STOP.signal_name}; rerun the sweep to train it"
+    if not ok and is_live(folder):   # another sweep's trainer took the folder first: it goes on
+        return str(folder), STILL_RUNNING
     tail = "" if ok else "\n".join((folder / "stdout.log").read_text().splitlines()[-15:])
     save_json({"script": script, "argv": argv, "ok": ok, "wall_seconds": seconds}, folder / "args.json")
     print(f"{tag} {'done' if ok else 'FAILED'} in {seconds:.0f}s: {folder}" + (f"\n{tail}" if tail else ""), flush=True)
@@ -187,6 +315,18 @@ def run_one(script, folder, argv, device, args, root, owner, tag):
         save_checkpoint(slim | {"slimmed": True}, folder / "checkpoint.pt")
     return None if ok else (str(folder), tail.splitlines()[-1] if tail else "failed")
 
+def train(script, argv, folder):
+    """Run the trainer, known to stop_children while it runs; its exit status."""
+    with open(folder / "stdout.log", "w") as log:   # the trainer's cwd is ours: relative paths hold
+        cmd = [sys.executable, str(HERE / script), *argv]
+        child = subprocess.Popen(cmd, stdout=log, stderr=log)
+        CHILDREN.add(child)
+        if STOP.is_set():   # the signal came between the check and the add
+            child.send_signal(signal.SIGTERM)
+        code = child.wait()
+        CHILDREN.discard(child)
+    return code
+
 def execute(todo, args, root, owner):
     """The maskers of `todo`, then the classifiers, --jobs-per-device at once on each of --devices; the failures."""
     slots, count = queue.Queue(), itertools.count(1)
@@ -195,6 +335,9 @@ def execute(todo, args, root, owner):
 
     def on_a_free_device(run):
         device = slots.get()
+        if STOP.is_set():
+            slots.put(device)
+            return str(run[1]), f"not started: the sweep was stopped by {STOP.signal_name}"
         try:
             return run_one(*run, device, args, root, owner, f"[{next(count)}/{len(todo)}]")
         finally:
@@ -227,9 +370,21 @@ def train_everything(args):
     return execute(todo, args, root, owner)
 
 def main(argv=None):
-    """Train, then (not with --shard or --list) sweep_report.py: {'failures': [(folder, why)], 'report': its status}."""
+    """Lock OUT, train, then (not with --shard or --list) sweep_report.py: {'failures':
+    [(folder, why)], 'report': its status}."""
     args = parse_args(argv)
+    STOP.clear()
+    lock_out(args)
+    try:
+        return train_and_report(args)
+    finally:
+        release_locks()
+
+def train_and_report(args):
+    """main() once OUT is locked."""
     failures, status = [] if args.report_only else train_everything(args), None
+    if STOP.is_set():   # no report of a half-done grid; __main__ says what stopped
+        return {"failures": failures, "report": None}
     if args.sharded and not args.report_only and not args.list:
         print(f"shard {args.shard[0]}/{args.shard[1]} done; once every shard is: python sweep_report.py {args.out}")
     elif not args.list:   # --report-only's grid may differ from sweep.json's
@@ -243,8 +398,14 @@ def main(argv=None):
     return {"failures": failures, "report": status}
 
 if __name__ == "__main__":
+    for name in ("SIGTERM", "SIGHUP", "SIGINT"):   # the trainers stop too; the sweep waits
+        signal.signal(getattr(signal, name), stop_children)
     try:
         result = main()
-        sys.exit(1 if result["failures"] or result["report"] else 0)
     except DataError as e:
         sys.exit(f"error: {e}")
+    if STOP.is_set():
+        stopped = sum(why.startswith("stopped by") for _, why in result["failures"])
+        sys.exit(f"error: stopped by {STOP.signal_name} ({stopped} trainer(s) stopped); "
+                 f"rerun the same command to go on")
+    sys.exit(1 if result["failures"] or result["report"] else 0)

@@ -14,15 +14,35 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import DataError, atomic_write, infer, load_checkpoint, load_set, save_json, wbc_dirs
+from data import (DataError, atomic_write, infer, load_checkpoint, load_set, save_json, wbc_dirs,
+                  white_balance)
 from resnet_cls import ResNetClassifier
 
 CONTROLS = ("nomask", "alpha0_1")   # every mask setting vs both; alpha0_1: the same per-location loss, uniform weights
 CACHE = ".cache/decoded"   # the trainers' default decode cache: the audit shares it
-AUDIT_VERSION = 4          # bump when audit_run changes, so older audit.json files are redone
+AUDIT_VERSION = 5          # bump when audit_run changes, so older audit.json files are redone
+
+def read_sweep_json(path):
+    """(the grid a sweep saved, None) or ({}, why not): missing, not JSON, or not a sweep's."""
+    if not Path(path).is_file():
+        return {}, f"{path} not found; point --out at a sweep's folder (or run the sweep first)"
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return {}, f"{path} is unreadable ({type(e).__name__}); rerun the sweep to write it again"
+    if not isinstance(saved, dict) or not isinstance(saved.get("splits"), list):
+        return {}, f"{path} is not a sweep's record (no 'splits' list); point --out at a sweep"
+    return saved, None
 
 def read_json(path):
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    """A JSON file's content, {} if it is absent; one that is not JSON: a DataError naming it."""
+    if not Path(path).is_file():
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not valid JSON ({type(e).__name__}); fix it, or remove its run's "
+                        f"folder and rerun the sweep") from None
 
 @functools.lru_cache(maxsize=8)
 def load_val(root, split, size, classes, generated):
@@ -76,12 +96,30 @@ def logit_maps(model, images, masks, channel, device):
     amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     return infer(model, images, masks, 64, device, amp, mask_channel=channel)
 
+def balanced(images, chunk=64):
+    """uint8 images as the classifier sees them under --white-balance (data.white_balance)."""
+    out = torch.empty_like(images)
+    for start in range(0, len(images), chunk):   # float copies of all of val are big
+        x = images[start:start + chunk].float() / 255
+        out[start:start + chunk] = (white_balance(x) * 255).round().to(torch.uint8)
+    return out
+
+def blanked_views(images, masks, gen_masks, white):
+    """{'full', 'cell', 'background': (uint8 images, their 4th channel or None)}, as the
+    classifier sees them: white-balanced first (then blanked), and no cell in the
+    background-only view's 4th channel."""
+    seen = balanced(images) if white else images
+    no_cell = None if gen_masks is None else torch.zeros_like(gen_masks)
+    return {"full": (seen, gen_masks), "cell": (blank(seen, masks, "cell"), gen_masks),
+            "background": (blank(seen, masks, "background"), no_cell)}
+
 def audit_run(folder, device):
     """audit.json: accuracy on full, cell-only and background-only val images, agreement, CAM share in the mask."""
-    model, _, channel, (images, labels, gen_masks, masks, source) = load_run(folder, device)
-    maps = logit_maps(model, images, gen_masks, channel, device)
+    model, ckpt, channel, (images, labels, gen_masks, masks, source) = load_run(folder, device)
+    views = blanked_views(images, masks, gen_masks, bool(ckpt["args"].get("white_balance")))
+    maps = logit_maps(model, *views["full"], channel, device)
     preds = maps.mean((2, 3)).argmax(1)
-    cell, back = (logit_maps(model, blank(images, masks, keep), gen_masks, channel, device).mean((2, 3)).argmax(1)
+    cell, back = (logit_maps(model, *views[keep], channel, device).mean((2, 3)).argmax(1)
                   for keep in ("cell", "background"))
     acc = lambda a, b: (a == b).float().mean().item()   # noqa: E731
     record = {"version": AUDIT_VERSION, "accuracy": acc(preds, labels), "cell_only_accuracy": acc(cell, labels),
@@ -97,7 +135,11 @@ def audit_all(out, device):
     failures = []
     for folder in sorted(p.parent for p in Path(out).glob("classifier/WBC_*/*/seed*/metrics.json")):
         audit, ckpt = folder / "audit.json", folder / "checkpoint.pt"
-        if read_json(audit).get("version") != AUDIT_VERSION or audit.stat().st_mtime < ckpt.stat().st_mtime:
+        try:
+            current = read_json(audit).get("version") == AUDIT_VERSION
+        except DataError:   # a damaged audit.json is redone
+            current = False
+        if not current or audit.stat().st_mtime < ckpt.stat().st_mtime:
             try:
                 audit_run(folder, device)
             except (Exception, SystemExit) as e:   # SystemExit: load_checkpoint's clear errors; listed by main
@@ -128,11 +170,21 @@ def sign_flip_p(diffs):
     flips = list(itertools.product((1, -1), repeat=len(diffs)))
     return sum(abs(sum(s * d for s, d in zip(signs, diffs))) >= observed for signs in flips) / len(flips)
 
+def paired_t_p(mean, std, n):
+    """Two-sided p of the paired t-test; NaN below 2 seeds. Zero variance: 1 if every
+    difference is 0, else NaN (t = mean / 0 is undefined; p = 0 would claim a certainty a few
+    seeds never give)."""
+    if n < 2:
+        return float("nan")
+    if std == 0:
+        return 1.0 if mean == 0 else float("nan")
+    return 2 * t_cdf(-abs(mean) * n ** 0.5 / std, n - 1)
+
 def paired(a, b):
     """{seed: value} a - b over common seeds: mean, std, n, paired t-test p (NaN below 2 seeds) and sign_flip_p."""
     diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
     mean, std, n = mean_std(diffs)
-    p_t = float("nan") if n < 2 else float(mean == 0) if std == 0 else 2 * t_cdf(-abs(mean) * n ** 0.5 / std, n - 1)
+    p_t = paired_t_p(mean, std, n)
     return {"mean": mean, "std": std, "n": n, "p_t": p_t, "p_perm": sign_flip_p(diffs)}
 
 def comparisons(classifiers, key):
@@ -236,7 +288,10 @@ def report(out, cfg, maskers, classifiers, missing, figures):
         "## Mask settings vs the controls, paired by seed", "",
         "Each setting minus `nomask` and minus `alpha0_1` (same per-location loss, uniform weights), same seed and "
         "balance, in points. p (paired t): two-sided, df = n - 1, assumes normal differences. p (sign-flip): exact, "
-        "two-sided, over all 2^n sign flips; at least 2/2^n (0.25 at n = 3).", "", paired_tables(stats), "",
+        "two-sided, over all 2^n sign flips; at least 2/2^n (0.25 at n = 3). A p (paired t) of '-' "
+        "with a std of 0.0: every seed gave the same non-zero difference, t is undefined; read the "
+        "sign-flip p.", "",
+        paired_tables(stats), "",
         "## Class balance: per-class error, each setting next to its --balance twin", "",
         mean_table(classifiers, "setting", per_class + [("weighted mean error %", "weighted_mean_error", 100, 1),
                                                         ("std over classes", "per_class_error_std", 100, 1)]), "",
@@ -287,7 +342,8 @@ def plot_examples(plt, folder, path, device, per_class=2):
     model, ckpt, channel, (images, labels, gen_masks, masks, _) = load_run(folder, device)
     classes = [c[:4] for c in ckpt["classes"]]
     pick = torch.cat([(labels == c).nonzero()[:per_class, 0] for c in range(len(classes))])
-    maps = logit_maps(model, images[pick], None if gen_masks is None else gen_masks[pick], channel, device)
+    seen = balanced(images[pick]) if ckpt["args"].get("white_balance") else images[pick]
+    maps = logit_maps(model, seen, None if gen_masks is None else gen_masks[pick], channel, device)
     up = F.interpolate(maps[torch.arange(len(pick)), labels[pick]].clamp_min(0)[:, None], size=images.shape[-2:],
                        mode="bilinear", align_corners=False)[:, 0]
     fig, axes = plt.subplots(1, len(pick), figsize=(1.4 * len(pick), 1.9), squeeze=False)
@@ -328,7 +384,10 @@ def main(argv=None):
     p.add_argument("--no-figures", action="store_true", help="skip the figures (they need matplotlib)")
     args = p.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    cfg, failures = read_json(args.out / "sweep.json") | args.grid, audit_all(args.out, device)
+    saved, why = read_sweep_json(args.out / "sweep.json")
+    if why:   # not a sweep's folder: no results.md written into it
+        raise DataError(why)
+    cfg, failures = saved | args.grid, audit_all(args.out, device)
     maskers, classifiers = collect(args.out, cfg.get("settings", []))
     missing = [f for f in cfg.get("runs", []) if not (args.out / f / "metrics.json").is_file()]
     figures = [] if args.no_figures else make_figures(args.out, classifiers, device)

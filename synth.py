@@ -9,7 +9,8 @@ patches and unlabeled pRCC-like kidney patches, in the layout of the real datase
   ROOT/pRCC/*.jpg
 Every image has its own RNG seeded from (seed, split, class, index), so a seed gives byte-identical files whatever
 the worker count. confound=P tints TRAINING backgrounds by class with probability P (a shortcut-learning demo); val
-backgrounds are always random. Files are overwritten in place, so use a fresh ROOT when changing scale or seed.
+backgrounds are always random. A ROOT that is not empty is refused; --force first removes the
+folders above (WBC_*, CAM16, pRCC) and leaves any other file there.
 """
 import argparse
 import contextlib
@@ -36,7 +37,9 @@ CELL_RADIUS = {"Basophil": (0.14, 0.21), "Eosinophil": (0.16, 0.24), "Lymphocyte
 TINTS = np.array([[12, -5, -3], [-3, 8, -7], [-8, -3, 12], [6, 6, -12], [-10, 6, 6]], np.float32) / 255
 BG, RBC, RBC_PALE = np.array([0.93, 0.86, 0.84]), np.array([0.86, 0.55, 0.58]), np.array([0.93, 0.76, 0.76])
 NUCLEUS = np.array([0.36, 0.19, 0.48])  # haematoxylin purple, shared by every class
-USAGE = "python synth.py ROOT [--scale S] [--size PX] [--seed K] [--confound P] [--workers N]"
+USAGE = ("python synth.py ROOT [--scale S] [--size PX] [--seed K] [--confound P] [--workers N] "
+         "[--force]")
+OWN_FOLDERS = ("WBC_100", "WBC_50", "WBC_10", "WBC_1", "CAM16", "pRCC")   # what --force removes
 
 
 def _rng(seed, *keys):
@@ -318,7 +321,7 @@ def write_synth(root, scale=0.1, size=128, seed=0, confound=0.0, workers=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="synth.py", usage=USAGE, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("root", metavar="ROOT", help="folder to write (created if missing; files are overwritten)")
+    ap.add_argument("root", metavar="ROOT", help="folder to write: new or empty (made if missing)")
     ap.add_argument("--scale", metavar="S", type=float, default=0.1,
                     help="fraction of the real dataset sizes, finite and > 0 (1 = full size; default 0.1)")
     ap.add_argument("--size", metavar="PX", type=int, default=128, help="image side in pixels, >= 32 (default 128)")
@@ -326,6 +329,8 @@ def main(argv=None):
     ap.add_argument("--confound", metavar="P", type=float, default=0.0,
                     help="probability in [0, 1] that a TRAIN image's background tint names its class (default 0)")
     ap.add_argument("--workers", metavar="N", type=int, help="processes (default: all CPUs); the output is the same")
+    ap.add_argument("--force", action="store_true",
+                    help="write into a ROOT that is not empty: replaces its WBC_*, CAM16, pRCC")
     a = ap.parse_args(argv)
     for flag, ok, rule in (("scale", 0 < a.scale < float("inf"), "finite and > 0"), ("size", a.size >= 32, ">= 32"),
                            ("seed", a.seed >= 0, ">= 0"), ("confound", 0 <= a.confound <= 1, "in [0, 1]"),
@@ -334,6 +339,11 @@ def main(argv=None):
             ap.error(f"argument --{flag}: must be {rule}, got {getattr(a, flag)}")
     if not a.root or os.path.exists(a.root) and not os.path.isdir(a.root):
         sys.exit(f"error: ROOT must name a folder; {a.root!r} is {'an existing file' if a.root else 'empty'}")
+    if os.path.isdir(a.root) and os.listdir(a.root) and not a.force:   # else two seeds mix on disk
+        sys.exit(f"error: ROOT {a.root} is not empty; use a new folder, or --force to replace it")
+    if a.force:
+        for name in OWN_FOLDERS:
+            shutil.rmtree(os.path.join(a.root, name), ignore_errors=True)
     start = time.time()
     try:  # write_synth makes every folder before it draws, so an unwritable ROOT fails at once
         summary = write_synth(a.root, a.scale, a.size, a.seed, a.confound, a.workers)

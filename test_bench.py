@@ -61,3 +61,35 @@ def test_imports_only_leaves():
     assert not any(name.split(".")[0].startswith("train_") for name in names), names
     first_other = next(i for i, n in enumerate(tree.body[1:], 1) if not isinstance(n, (ast.Import, ast.ImportFrom)))
     assert all(n in tree.body[:first_other] for n in imports)   # every import at the top
+
+
+# ------------------------------------------------------------------------ review fixes (issue 19)
+
+@pytest.mark.parametrize("case", ["peak_nan", "peak_inf", "json_folder", "out_file", "batch_zero"])
+def test_bad_outputs_and_peak_are_refused_before_any_work(case, tmp_path, capsys):
+    """Before: --peak-seconds inf hung in the matmul peak; nan and the output paths failed with a
+    traceback after the whole bench."""
+    (tmp_path / "file.txt").write_text("keep me")
+    argv = {"peak_nan": ["--peak-seconds", "nan"], "peak_inf": ["--peak-seconds", "inf"],
+            "json_folder": ["--json", str(tmp_path)],
+            "out_file": ["--out", str(tmp_path / "file.txt")],
+            "batch_zero": ["--batch-size", "0"]}[case]
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and f"error: {argv[0]}" in err[-1], err
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+
+
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(["--out", str(folder)])
+    finally:
+        folder.chmod(0o755)
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err.splitlines()[-1]

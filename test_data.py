@@ -1,10 +1,13 @@
 """Data: every mask encoding, layout rules, the decode cache, augmentation alignment."""
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from data import DataError, augment, decode_all, decode_mask, list_images, load_set, scan_folder
+from data import (DataError, augment, decode_all, decode_mask, fingerprint, list_images, load_set,
+                  scan_folder)
 
 
 def cell_square(size=16):
@@ -120,6 +123,29 @@ def test_decode_cache_reused_and_invalidated(tmp_path):
     os.utime(path, ns=(1, 10**18))
     changed, _, _ = decode_all("image", [path], 8, cache_dir=tmp_path / "cache")
     assert changed[0, 0, 0, 0] == 200
+
+
+def swap_same_size_same_mtime(path, color):
+    """Replace `path` with another image of the same byte size and mtime (a BMP's size depends only
+    on its width and height): what a copy with `cp -p` or a sync tool can do."""
+    stat = path.stat()
+    other = path.with_name("other.bmp")
+    Image.new("RGB", (20, 20), color).save(other)
+    os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(other, path)
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_decode_cache_and_fingerprint_catch_a_same_size_same_mtime_swap(tmp_path):
+    path = tmp_path / "A" / "a.bmp"
+    path.parent.mkdir()
+    Image.new("RGB", (20, 20), (10, 20, 30)).save(path)
+    first, _, _ = decode_all("image", [path], 8, cache_dir=tmp_path / "cache")
+    key = fingerprint([path])
+    swap_same_size_same_mtime(path, (200, 20, 30))
+    assert fingerprint([path]) != key   # --resume refuses the changed data
+    changed, _, _ = decode_all("image", [path], 8, cache_dir=tmp_path / "cache")
+    assert first[0, 0, 0, 0] == 10 and changed[0, 0, 0, 0] == 200
 
 
 def test_augment_keeps_image_and_mask_aligned():

@@ -38,6 +38,13 @@ def test_center_weights_3x3_by_hand():
     assert torch.allclose(center_weights(3, 3), raw / raw.mean(), atol=1e-6)
 
 
+@pytest.mark.parametrize("h,w", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_center_weights_without_a_centre_pixel_are_uniform(h, w):
+    # every pixel is a corner (d = d_max everywhere): 1 - d/d_max is 0 everywhere, no pixel is
+    # nearer the centre than another; the weights are all 1 (plain BCE), never 0/0 = NaN
+    assert torch.equal(center_weights(h, w), torch.ones(h, w))
+
+
 def test_center_bce_is_weighted_mean_of_bce():
     torch.manual_seed(0)
     logits, target = torch.randn(2, 1, 6, 6), (torch.rand(2, 1, 6, 6) > 0.5).float()

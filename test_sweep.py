@@ -6,6 +6,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -50,7 +51,6 @@ def test_paired_by_hand():
     assert p["p_perm"] == 0.25
     same = sweep_report.paired({0: 0.8, 1: 0.9}, {0: 0.7, 1: 0.8})              # +10 points every seed: t ~ inf
     assert same["p_t"] == pytest.approx(0, abs=1e-9) and same["p_perm"] == 0.5
-    assert sweep_report.paired({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})["p_t"] == 0.0   # exactly equal differences: std 0
     one = sweep_report.paired({0: 0.8, 5: 0.1}, {0: 0.7})                       # only seed 0 is paired
     assert one["n"] == 1 and math.isnan(one["p_t"]) and one["p_perm"] == 1.0
 
@@ -74,7 +74,8 @@ def test_comparisons_pair_each_mask_setting_with_both_controls():
     assert pairs == {("alpha0_1", "nomask"), ("alpha1_0", "nomask"), ("alpha1_0", "alpha0_1"),
                      ("alpha1_0_balance", "nomask_balance")}   # no alpha0_1_balance run: no such pair
     vs_clean = next(r for r in rows if r["control"] == "alpha0_1")
-    assert vs_clean["mean"] == pytest.approx(0.2) and vs_clean["p_perm"] == 0.25 and vs_clean["p_t"] < 1e-6
+    assert vs_clean["mean"] == pytest.approx(0.2) and vs_clean["p_perm"] == 0.25
+    assert math.isnan(vs_clean["p_t"])   # +0.2 at every seed: zero variance, t undefined
     cell = sweep_report.comparisons(runs, "cell_only_agreement")   # an audit.json number
     assert len(cell) == 4 and all(r["mean"] == 0 and r["p_t"] == 1.0 for r in cell)
 
@@ -215,6 +216,7 @@ def test_shards_split_the_grid_by_its_order_not_by_what_has_finished(tmp_path):
     for _, folder, _ in runs[::2]:                                              # half of them finish
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text("{}")
+    (tmp_path / "sweep.json").write_text(json.dumps({"splits": [100, 10]}))   # for --report-only
     assert sweep.shard_of(sweep.grid_runs(small_grid(tmp_path, "--report-only")), 3) == owner
     assert sweep.shard_of(runs, 1) == dict.fromkeys(owner, 0)
 
@@ -402,3 +404,194 @@ def test_figures_skip_cleanly_without_matplotlib(tiny_sweep, monkeypatch, capsys
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     assert sweep_report.make_figures(out, tiny_sweep[-1]["classifiers"], torch.device("cpu")) == []
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ review fixes (issue 19)
+
+def test_paired_t_with_equal_differences_is_undefined_not_zero():
+    """Zero variance: t = mean/0 has no distribution to read a p from; p = 0 would claim a certainty
+    that 2 or 3 seeds never give. Equal non-zero differences: NaN (the table prints '-', says why);
+    all differences 0: p = 1."""
+    equal = sweep_report.paired({0: 2.0, 1: 3.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 3.0})
+    assert equal["std"] == 0 and equal["mean"] == 1.0 and math.isnan(equal["p_t"])
+    assert equal["p_perm"] == 0.25   # the exact test still answers
+    assert sweep_report.paired({0: 0.5, 1: 0.5}, {0: 0.5, 1: 0.5})["p_t"] == 1.0
+    table = sweep_report.paired_tables([{"metric": "accuracy", "split": 10, "setting": "alpha1_0",
+                                         "control": "nomask"} | equal])
+    assert "| WBC_10 | alpha1_0 - nomask | 3 | +100.0 | 0.0 | - | 0.250 |" in table
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "foreign_list", "foreign_dict"])
+def test_report_only_without_a_sweep_json_is_one_line(tmp_path, capsys, case):
+    """Before: no sweep.json gave a report of the default grid in any folder; a corrupt one a
+    traceback."""
+    content = {"missing": None, "corrupt": '{"splits": [10', "foreign_list": "[1, 2]",
+               "foreign_dict": json.dumps({"device": "cpu", "peak_flops": 1e9})}[case]   # bench
+    if content is not None:
+        (tmp_path / "sweep.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        sweep.parse_args(["--out", str(tmp_path), "--report-only"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "--report-only" in err[-1]
+    assert str(tmp_path / "sweep.json") in err[-1]
+    assert not (tmp_path / "results.md").exists()
+    with pytest.raises(sweep_report.DataError, match="sweep.json"):   # the report alone says it too
+        sweep_report.main([str(tmp_path), "--no-figures"])
+
+
+def resave(src, dst):
+    """The same pixels in another file format: other bytes, same image."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as im:
+        im.save(dst)
+
+
+def test_leakage_guard_compares_pixels_and_covers_pretrain_roots(layout, tmp_path):
+    root, gen = layout
+    resave(root / "WBC_100/val/data/A/v1.png", root / "WBC_10/train/data/A/resaved.bmp")
+    png(gen / "train/A/resaved.png", 253)
+    record = sweep.check_leakage(root, 10, gen, size=8)
+    assert not record["ok"] and "resaved.bmp" in record["val_in_train_images"][0], record
+    (root / "WBC_10/train/data/A/resaved.bmp").unlink()
+    (gen / "train/A/resaved.png").unlink()
+    assert sweep.check_leakage(root, 10, gen, size=8)["ok"]
+    cam = tmp_path / "cam"   # the masker pretrained on a root that holds a val image
+    resave(root / "WBC_100/val/data/A/v1.png", cam / "train/data/X/p1.bmp")
+    png(cam / "train/mask/X/p1.png", 255)
+    metrics = {"split": 10, "pretrain_on": [str(cam)]}
+    (tmp_path / "masker" / "metrics.json").write_text(json.dumps(metrics))
+    record = sweep.check_leakage(root, 10, gen, size=8)
+    assert not record["ok"] and "p1.bmp" in record["val_in_pretrain_images"][0], record
+
+
+@pytest.fixture
+def leaky_wbc(tmp_path):
+    """test_robustness's tiny WBC_100 with one val image re-saved as a BMP into train."""
+    from test_robustness import tiny_wbc
+    root = tiny_wbc(tmp_path / "d")
+    val = root / "WBC_100/val/data/A/val_A_0.png"
+    resave(val, root / "WBC_100/train/data/A/copy.bmp")
+    assert (root / "WBC_100/train/data/A/copy.bmp").read_bytes() != val.read_bytes()
+    resave(root / "WBC_100/val/mask/A/val_A_0.png", root / "WBC_100/train/mask/A/copy.png")
+    return root, val
+
+
+@pytest.mark.parametrize("script", ["train_classifier", "train_masker", "pretrain"])
+def test_trainers_refuse_a_val_image_in_training(leaky_wbc, tmp_path, script):
+    from test_robustness import run_argv, tiny_wbc
+    import train_classifier
+    import train_masker
+    root, val = leaky_wbc
+    copy = root / "WBC_100/train/data/A/copy.bmp"
+    if script == "pretrain":   # a clean dataset, a --pretrain-on root that holds the val image
+        pre = tmp_path / "pre"
+        resave(val, pre / "train/data/X/p.bmp")
+        resave(root / "WBC_100/val/mask/A/val_A_0.png", pre / "train/mask/X/p.png")
+        resave(root / "WBC_100/train/data/B/train_B_0.png", pre / "train/data/X/q.png")
+        resave(root / "WBC_100/train/mask/B/train_B_0.png", pre / "train/mask/X/q.bmp")
+        copy.unlink()
+        copy = pre / "train/data/X/p.bmp"
+    main = train_classifier.main if script == "train_classifier" else train_masker.main
+    extra = ["--pretrain-on", str(tmp_path / "pre")] if script == "pretrain" else []
+    with pytest.raises(sweep.DataError) as e:
+        main(run_argv(root, tmp_path / "out", "--dry-run", *extra))
+    message = str(e.value)
+    assert str(copy) in message and str(val) in message and "\n" not in message, message
+
+
+def test_audit_blanks_what_the_classifier_sees():
+    """--white-balance: blanking the balanced image (the classifier's input), not the raw one; a
+    mask-channel model's 4th channel is emptied with the cell in the background-only view."""
+    images, masks = two_smears()
+    images[:, :, :4] = 255   # a bright strip: white balance divides by it
+    images[0, 0, :4] = 200   # a yellowish lamp on image 0
+    seen = (sweep_report.white_balance(images.float() / 255) * 255).round().to(torch.uint8)
+    views = sweep_report.blanked_views(images, masks, masks, white=True)
+    assert torch.equal(views["full"][0], seen) and torch.equal(views["full"][1], masks)
+    assert torch.equal(views["cell"][0], sweep_report.blank(seen, masks, "cell"))
+    assert torch.equal(views["background"][0], sweep_report.blank(seen, masks, "background"))
+    assert torch.equal(views["cell"][1], masks) and not views["background"][1].any()
+    plain = sweep_report.blanked_views(images, masks, None, white=False)
+    assert torch.equal(plain["cell"][0], sweep_report.blank(images, masks, "cell"))
+    assert plain["full"][1] is None and plain["background"][1] is None
+
+
+MASKER_ONLY = SWEEP2 + ["--stage", "masker"]
+
+
+def test_a_second_sweep_on_one_out_is_refused_before_it_touches_anything(tmp_path, synth_root):
+    out = tmp_path / "out"
+    first = sweep.parse_args(["--data", str(synth_root), "--out", str(out)] + MASKER_ONLY)
+    sweep.lock_out(first)   # a live sweep (this process holds its lock)
+    try:
+        for more in ([], ["--shard", "0/2"]):
+            with pytest.raises(sweep.DataError, match="another sweep"):
+                sweep.main(["--data", str(synth_root), "--out", str(out)] + MASKER_ONLY + more)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]   # no sweep.json, no run folder
+    finally:
+        sweep.release_locks()
+    shard = lambda k: sweep.parse_args(["--out", str(out), "--shard", k] + SWEEP2)   # noqa: E731
+    sweep.lock_out(shard("0/2"))   # shards of one N side by side; one twice or another N: no
+    try:
+        assert sweep.lock_out(shard("1/2")) is None
+        for bad in ("0/2", "0/3"):
+            with pytest.raises(sweep.DataError, match=f"--shard {bad}"):
+                sweep.lock_out(shard(bad))
+    finally:
+        sweep.release_locks()
+
+
+def test_a_rerun_leaves_a_live_run_alone(tmp_path, synth_root):
+    """A trainer still running (its folder locked: here by this process) is neither restarted nor
+    marked failed, and its log is not truncated."""
+    import data
+    out = tmp_path / "out"
+    masker = out / "masker" / "WBC_100_center_seed0"
+    data.claim_folder(masker)
+    try:
+        (masker / "stdout.log").write_text("epoch 1 ...\n")
+        (masker / "args.json").write_text(json.dumps({"script": "train_masker.py", "argv": []}))
+        argv = ["--data", str(synth_root), "--out", str(out), "--shard", "0/1"] + MASKER_ONLY
+        result = sweep.main(argv)
+    finally:
+        data.HELD.pop().close()
+    assert result["failures"] == [(str(masker), sweep.STILL_RUNNING)]
+    assert (masker / "stdout.log").read_text() == "epoch 1 ...\n"
+    assert "ok" not in json.loads((masker / "args.json").read_text())
+
+
+def test_sigterm_stops_the_sweep_and_its_trainers(tmp_path, synth_root):
+    out = tmp_path / "out"
+    slow = MASKER_ONLY + ["--masker-epochs", "500"]   # minutes: only a signal ends it in time
+    cmd = [sys.executable, str(HERE / "sweep.py"), "--data", str(synth_root), "--out", str(out)]
+    proc = subprocess.Popen(cmd + slow, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    masker = out / "masker" / "WBC_100_center_seed0"
+    deadline = time.time() + 60
+    while not sweep.is_live(masker) and time.time() < deadline:   # the trainer holds its folder
+        time.sleep(0.2)
+    assert sweep.is_live(masker), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    last = stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("error: stopped by SIGTERM"), stderr
+    assert not sweep.is_live(masker)   # the trainer ended before the sweep did
+    record = json.loads((masker / "args.json").read_text())
+    assert record["stopped"] == "SIGTERM" and "ok" not in record   # stopped, not failed
+    assert not (out / "results.md").exists()
+
+
+def test_repeated_grid_values_give_one_run_a_folder(tmp_path):
+    args = sweep.parse_args(["--out", str(tmp_path), "--splits", "10", "10", "--seeds", "0", "0",
+                             "--settings", "nomask", "nomask", "--masker-losses", "bce", "bce"])
+    folders = [f for _, f, _ in sweep.grid_runs(args)]
+    assert len(folders) == len(set(folders)) == 3   # 2 maskers (center, bce), 1 classifier
+
+
+def test_report_names_a_damaged_metrics_json(tmp_path):
+    (tmp_path / "sweep.json").write_text(json.dumps({"splits": [10], "settings": ["nomask"]}))
+    run = tmp_path / "classifier/WBC_10/nomask/seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text("{bad")
+    with pytest.raises(sweep_report.DataError, match="metrics.json: not valid JSON"):
+        sweep_report.main([str(tmp_path), "--no-figures"])

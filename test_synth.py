@@ -229,3 +229,32 @@ def test_command_line_refuses_bad_root(tmp_path, monkeypatch, case):
     assert (str(root) if root else "empty") in message, message
     assert (tmp_path / "file").read_text() == "keep me" and not list((tmp_path / "read_only").iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "read_only"], "nothing may be written"
+
+
+# ------------------------------------------------------------------------ review fixes (issue 19)
+
+def test_non_empty_root_is_refused_unless_force(tmp_path, capsys):
+    """Before: a second seed into the same ROOT mixed both on disk while the summary counted one."""
+    root = tmp_path / "out"
+    tiny = ["--scale", "0.005", "--size", "32", "--workers", "1"]
+    synth.main([str(root), "--seed", "1"] + tiny)
+    before = files(root)
+    with pytest.raises(SystemExit) as stop:
+        synth.main([str(root), "--seed", "2", "--scale", "0.01", "--size", "32", "--workers", "1"])
+    message = stop.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
+    assert str(root) in message and "--force" in message
+    assert files(root) == before   # nothing touched
+    (root / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    synth.main([str(root), "--seed", "2", "--force"] + tiny)
+    lines = capsys.readouterr().out.splitlines()
+    counted = [line.split() for line in lines if line.startswith(("WBC_", "CAM16"))]
+    printed = {words[0]: int(words[1]) for words in counted}
+    for split, n in printed.items():   # the summary counts what the disk holds: one seed's files
+        on_disk = [p for p in (root / split).rglob("*.jpg")]
+        assert len(on_disk) == n, split
+    fresh = tmp_path / "fresh"
+    synth.write_synth(fresh, scale=0.005, size=32, seed=2, workers=1)
+    assert {k: v for k, v in files(root).items() if k.name != "notes.txt"} == files(fresh)
+    assert (root / "notes.txt").read_text() == "mine"   # --force replaces synth's folders only

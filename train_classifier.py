@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from data import (SPLITS, DataError, batch_indices, claim_folder, infer, load_checkpoint, load_set, make_batch,
-                  save_checkpoint, save_csv, save_json, wbc_dirs)
+                  check_no_leakage, save_checkpoint, save_csv, save_json, wbc_dirs)
 from losses import check_alpha, class_weights, classification_metrics, confusion_matrix, mask_weighted_ce, weighted_ce
 from resnet_cls import build_classifier, resnet34_state_dict
 
@@ -141,6 +141,7 @@ def main(argv=None):
                      cache, args.skip_bad, need_masks=need)
     val = load_set(dirs["val_data"], args.size, train.classes, [args.masks / "val"] if channel else [], cache,
                    args.skip_bad, need_masks=channel)
+    check_no_leakage(val, train)   # a val image in training: one line naming both
     n_full = sum(1 for _ in Path(args.data, "WBC_100", "train", "data").glob("*/*")) or len(train)
     epochs = 1 if args.dry_run else max(1, round(args.epochs * n_full / len(train)))   # same epochs x images
     counts = torch.bincount(train.labels, minlength=len(train.classes)).tolist()

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from data import (SPLITS, DataError, batch_indices, claim_folder, infer, load_checkpoint, load_set, make_batch,
-                  mask_root, save_checkpoint, save_csv, save_json, save_mask_png, wbc_dirs)
+                  check_no_leakage, mask_root, save_checkpoint, save_csv, save_json, save_mask_png,
+                  wbc_dirs)
 from losses import MASKER_LOSSES, mask_counts, mask_metrics
 from resnet_cls import load_backbone, resnet34_state_dict
 from unet import UNet
@@ -133,6 +134,7 @@ def main(argv=None):
         keep = order >= max(1, round(args.holdout * len(labelled)))
         held_out, labelled = labelled.subset(~keep), labelled.subset(keep)
     pre = [s.subset(s.has_mask) for s in (load_set(d, args.size, None, [m], cache, args.skip_bad) for d, m in sources)]
+    check_no_leakage(val_all, train_all, *pre)   # a val image in training: one line naming both
     for n, where in ((len(labelled), dirs["train_mask"]), *((len(s), src[1]) for s, src in zip(pre, sources))):
         if n < 2:   # BatchNorm cannot train on a batch of one
             raise DataError(f"{where}: {n} mask(s) with an image of the same <Class>/<stem>; need 2")
