@@ -115,8 +115,8 @@ def decode_mask(path, size):
             a = np.asarray(im, dtype=np.float64) if im.mode in WIDE_MODES else np.asarray(im.convert("L"))
             cell = a == 1 if a.max() == 1 else (wide_to_8bit(a) if im.mode in WIDE_MODES else a) >= 64
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            opaque = np.asarray(im.convert("RGBA"))[..., 3] >= 64   # a mostly transparent pixel is background
-            cell = cell & opaque
+            alpha = np.asarray(im.convert("RGBA"))[..., 3]
+            cell = cell & (alpha >= 64)   # a (mostly) transparent pixel is background
     small = Image.fromarray(cell.astype(np.uint8)).resize((size, size), Image.NEAREST)
     return np.asarray(small), (cell.shape[1], cell.shape[0])
 
@@ -308,8 +308,9 @@ def save_json(obj, path):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 def csv_cell(value):
-    """A text cell as a spreadsheet shows it, never runs it: one starting with = + - @ (a formula) gets a leading
-    quote (so does a tab or CR); a file name's undecodable bytes (surrogate escapes) are written as \\xff, so the file stays UTF-8."""
+    """A text cell as a spreadsheet shows it, never runs it: one starting with = + - @ (a formula),
+    a tab or a CR gets a leading quote. A file name's undecodable bytes (surrogate escapes) are
+    written as \\xff, so the file stays UTF-8."""
     if not isinstance(value, str):
         return value
     text = os.fsencode(value).decode("utf-8", "backslashreplace")

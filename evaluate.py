@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from data import DataError, decode_all, infer, load_checkpoint, load_set, save_json, scan_folder
-from losses import classification_metrics, confusion_matrix, mask_counts, mask_metrics, mean_image_dice
+from losses import (classification_metrics, confusion_matrix, mask_counts, mask_metrics,
+                    mean_image_dice)
 from resnet_cls import ResNetClassifier
 from unet import UNet
 
@@ -66,9 +67,10 @@ def evaluate_classifier(ckpt, args):
         raise SystemExit(f"{args.checkpoint}: a classifier checkpoint without its list of classes")
     model, size, folder, autocast = prepare(ResNetClassifier(len(classes), 4 if channel else 3), ckpt, args,
                                             f"a {len(classes)}-class, {4 if channel else 3}-channel ResNet34")
-    own = Path(run["data"]) / "WBC_100" / "val" / "data"   # the run's masks/val are masks of these images only
+    own = Path(run["data"]) / "WBC_100" / "val" / "data"   # the run's masks/val: of these only
     if channel and not args.mask_dir and folder.resolve() != own.resolve():
-        raise SystemExit(f"--data {args.data}: a mask-channel classifier needs masks of these images: give --mask-dir")
+        raise SystemExit(f"--data {args.data}: a mask-channel classifier needs masks of these "
+                         "images: give --mask-dir")
     masks = Path(args.mask_dir) if args.mask_dir else Path(run.get("masks", "masks")) / "val"
     data = load_set(folder, size, classes=classes, mask_dirs=[masks] if channel else [])
     if channel and not data.has_mask.all():
@@ -86,7 +88,7 @@ def evaluate_classifier(ckpt, args):
     print("confusion (rows true, columns predicted; column j is the class of row j):")
     width = max(map(len, classes))
     print(" " * (width + 4) + " ".join(f"{j:>5}" for j in range(1, len(classes) + 1)))
-    for j, (c, row) in enumerate(zip(classes, m["confusion"]), 1):   # whole names, however long or alike
+    for j, (c, row) in enumerate(zip(classes, m["confusion"]), 1):   # whole names, however alike
         print(f"{j:>2} {c:<{width}} " + " ".join(f"{v:>5}" for v in row))
     return m | {"data": str(folder)}
 
@@ -99,7 +101,8 @@ def evaluate_masker(ckpt, args):
     if len(data) == 0:
         raise DataError(f"{folder.parent / 'mask'}: no ground-truth masks to score the masker against")
     logits = infer(model, data.images, None, args.batch_size, args.device, autocast)
-    cells = torch.sigmoid(logits) >= ckpt["args"].get("threshold", 0.5)   # as the masker and predict.py draw them
+    threshold = ckpt["args"].get("threshold", 0.5)
+    cells = torch.sigmoid(logits) >= threshold   # the rule of the masker and predict.py
     return mask_report(cells, data.masks > 0, f"{args.checkpoint} on {len(data)} masks of {folder}",
                        data=str(folder), n=len(data))
 
@@ -118,9 +121,11 @@ def compare_mask_folders(pred_dir, true_dir, size):
     return mask_report(pred, true, f"{pred_dir} against {true_dir} ({len(paths)} masks at {size} px)", n=len(paths))
 
 def mask_report(pred, true, title, **extra):
-    """Pixel error, IoU and Dice pooled over every pixel, and the mean of each image's Dice, of bool masks `pred`
-    against `true` (N, ...), + `extra`; printed under `title`."""
-    m = mask_metrics(mask_counts(pred, true)) | {"mean_image_dice": mean_image_dice(pred, true)} | extra
+    """Pixel error, IoU and Dice pooled over every pixel, and the mean of each image's Dice, of
+    bool masks `pred` against `true` (N, ...), + `extra`; printed under `title`."""
+    m = mask_metrics(mask_counts(pred, true))
+    m["mean_image_dice"] = mean_image_dice(pred, true)
+    m |= extra
     print(title)
     print(f"pooled over pixels: pixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | "
           f"Dice {m['dice']:.3f} | mean Dice per image {m['mean_image_dice']:.3f}")
@@ -128,7 +133,7 @@ def mask_report(pred, true, title, **extra):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.stdout.reconfigure(errors="backslashreplace")   # a file name's undecodable bytes print as \udcff
+    sys.stdout.reconfigure(errors="backslashreplace")   # undecodable name bytes print as \udcff
     if args.pred_masks:
         metrics = compare_mask_folders(args.pred_masks, args.true_masks, args.size or 224)
     else:

@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from data import (IMAGE_EXTS, DataError, atomic_write, claim_folder, decode_all, infer, list_images, load_checkpoint,
-                  make_batch, save_csv, save_json, save_mask_png)
-from losses import classification_metrics, confusion_matrix, mask_counts, mask_metrics, mean_image_dice
+from data import (IMAGE_EXTS, DataError, atomic_write, claim_folder, decode_all, infer, list_images,
+                  load_checkpoint, make_batch, save_csv, save_json, save_mask_png)
+from losses import (classification_metrics, confusion_matrix, mask_counts, mask_metrics,
+                    mean_image_dice)
 from resnet_cls import ResNetClassifier
 from unet import UNet
 
-OUTPUTS = ("masks", "overlays", "predictions.csv", "scores.json")   # what a rerun into one --out replaces
-MARKER = ".predict"   # --out's outputs are predict.py's: a rerun may replace them (never a user's own masks/)
+OUTPUTS = ("masks", "overlays", "predictions.csv", "scores.json")   # a rerun replaces them
+MARKER = ".predict"   # in --out: its OUTPUTS are predict.py's (never clear a user's own masks/)
 
 
 def parse_args(argv=None):
@@ -73,10 +74,10 @@ def load_model(path, kind):
 def adapt_batchnorm(model, images, masks, batch_size, device, mask_channel=False, white=False):
     """AdaBN: every BatchNorm layer's running mean and variance become the statistics of `images` (N, 3, S, S)
     uint8, averaged over batches of `batch_size` (cumulative average, so the order does not matter); nothing
-    else changes; a last batch of one image joins the batch before (BatchNorm needs 2). Returns the model in eval
-    mode."""
+    else changes; a last batch of one image joins the batch before (BatchNorm needs 2). Returns
+    the model in eval mode."""
     if len(images) < 2:
-        raise DataError(f"--adapt-bn needs at least 2 images (BatchNorm statistics), got {len(images)}")
+        raise DataError(f"--adapt-bn needs at least 2 images (BatchNorm), not {len(images)}")
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in norms:
         bn.reset_running_stats()
@@ -104,33 +105,42 @@ def save_png(array, path):
 
 
 def list_inputs(folder, out):
-    """FOLDER's images, less what predict.py writes: --out's masks/ and overlays/ when --out is FOLDER, all of --out
-    when it lies inside FOLDER (a rerun must not predict on the last run's masks)."""
+    """FOLDER's images, less what predict.py writes: --out's masks/ and overlays/ when --out is
+    FOLDER, all of --out when it lies inside FOLDER (a rerun never predicts on the last masks)."""
     skip = [(out / name).resolve() for name in ("masks", "overlays")]
     if out.resolve() != folder.resolve():
         skip.append(out.resolve())
     full = folder.resolve()
-    return [p for p in list_images(folder) if not any((full / p.relative_to(folder)).is_relative_to(s) for s in skip)]
+    keep = []
+    for path in list_images(folder):
+        where = full / path.relative_to(folder)
+        if not any(where.is_relative_to(s) for s in skip):
+            keep.append(path)
+    return keep
 
 
 def refuse_twins(paths):
-    """x.jpg beside x.png: both masks would be masks/x.png, one overwriting the other (the trainers refuse them too)."""
+    """x.jpg beside x.png: both masks would be masks/x.png, one overwriting the other (the
+    trainers refuse such twins too)."""
     stems = Counter(p.with_suffix("") for p in paths)
     twins = [str(p) for p in paths if stems[p.with_suffix("")] > 1]
     if twins:
-        raise DataError(f"{' and '.join(twins[:2])}: two images with one name (their masks would both be "
-                        f"{Path(twins[0]).stem}.png); rename or remove one")
+        clash = Path(twins[0]).stem + ".png"
+        raise DataError(f"{' and '.join(twins[:2])}: two images with one name (their masks would "
+                        f"both be {clash}); rename or remove one")
 
 
 def check_out(out):
-    """--out's outputs of an earlier run are replaced: refuse when a file or folder of those names is not ours."""
+    """A rerun replaces --out's outputs: refuse when a file of those names is not predict.py's."""
     found = [name for name in OUTPUTS if (out / name).exists()]
     if found and not (out / MARKER).exists():
-        raise DataError(f"{out}: holds {', '.join(found)} not written by predict.py; give another --out")
+        raise DataError(f"{out}: holds {', '.join(found)} not written by predict.py; "
+                        "give another --out")
 
 
 def replace_outputs(out, stage, rows, scores):
-    """The previous run's masks, overlays, CSV and scores out, this run's in: nothing stale beside the new CSV."""
+    """The previous run's masks, overlays, CSV and scores out, this run's in: nothing stale
+    beside the new CSV."""
     (out / MARKER).touch()   # these names are predict.py's from now on: a rerun may replace them
     for name in ("predictions.csv", "scores.json"):
         (out / name).unlink(missing_ok=True)
@@ -146,7 +156,8 @@ def replace_outputs(out, stage, rows, scores):
 
 
 def predict_masks(model, ckpt, paths, names, folder, decode, stage, adapt_bn, batch_size, device):
-    """Masks and overlays of every image into `stage`; returns ((N, 1, S, S) uint8 masks, scores or None)."""
+    """Masks and overlays of every image into `stage`. Returns (masks (N, 1, S, S) uint8, scores
+    against a sibling mask/ folder or None)."""
     size = ckpt["args"]["size"]
     threshold = ckpt["args"].get("threshold", 0.5)
     images, shapes = decode(size)
@@ -154,11 +165,11 @@ def predict_masks(model, ckpt, paths, names, folder, decode, stage, adapt_bn, ba
     if adapt_bn:
         adapt_batchnorm(model, images, None, batch_size, device)
     prob = torch.sigmoid(infer(model, images, None, batch_size, device))   # (N, 1, S, S)
-    cells = prob >= threshold   # one rule everywhere: a pixel of probability >= threshold is cell
+    cells = prob >= threshold   # one rule everywhere: probability >= threshold is cell
     for i, (path, name) in enumerate(zip(paths, names)):
         w, h = shapes[i]
-        full = F.interpolate(prob[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
-        cell = full >= threshold
+        full = F.interpolate(prob[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)
+        cell = full[0, 0].numpy() >= threshold
         save_mask_png(cell, stage / "masks" / Path(name).with_suffix(".png"))
         with Image.open(path) as im:   # upright, as decode_image turned it: the mask's (h, w)
             drawn = overlay(np.asarray(ImageOps.exif_transpose(im).convert("RGB")), cell)
@@ -172,12 +183,15 @@ def predict_masks(model, ckpt, paths, names, folder, decode, stage, adapt_bn, ba
         return cells.to(torch.uint8), None
     true, _, _ = decode_all("mask", [t for _, t in pairs], size)
     pred, true = cells[[i for i, _ in pairs]], torch.from_numpy(true) > 0
-    scores = mask_metrics(mask_counts(pred, true)) | {"mean_image_dice": mean_image_dice(pred, true), "n": len(pairs)}
+    scores = mask_metrics(mask_counts(pred, true))
+    scores["mean_image_dice"] = mean_image_dice(pred, true)
+    scores["n"] = len(pairs)
     return cells.to(torch.uint8), scores
 
 
 def predict_classes(model, ckpt, names, decode, masks, adapt_bn, batch_size, device):
-    """(CSV rows: path, predicted class, a probability per class; scores of a <Class>/<image> folder or None)."""
+    """(CSV rows: path, predicted class, a probability per class; the scores of a <Class>/<image>
+    folder of known classes, or None)."""
     classes = ckpt["classes"]
     channel = ckpt["args"].get("mask_mode") == "channel"
     white = ckpt["args"].get("white_balance", False)
@@ -185,23 +199,26 @@ def predict_classes(model, ckpt, names, decode, masks, adapt_bn, batch_size, dev
     model.to(device, memory_format=torch.channels_last)
     if adapt_bn:
         adapt_batchnorm(model, images, masks, batch_size, device, channel, white)
-    probs = infer(model, images, masks, batch_size, device, mask_channel=channel, white=white).softmax(1)
-    rows = [{"path": n, "predicted": classes[int(p.argmax())], **{c: f"{float(v):.4f}" for c, v in zip(classes, p)}}
-            for n, p in zip(names, probs)]
-    labels = [classes.index(Path(n).parts[0]) if len(Path(n).parts) > 1 and Path(n).parts[0] in classes else -1
-              for n in names]
-    if not labels or min(labels) < 0:   # not a <Class>/<image> folder of known classes: nothing to score
+    probs = infer(model, images, masks, batch_size, device, mask_channel=channel, white=white)
+    probs = probs.softmax(1)
+    rows = []
+    for name, p in zip(names, probs):
+        each = {c: f"{float(v):.4f}" for c, v in zip(classes, p)}
+        rows.append({"path": name, "predicted": classes[int(p.argmax())], **each})
+    tops = [Path(n).parts[0] if len(Path(n).parts) > 1 else None for n in names]
+    if not all(top in classes for top in tops):   # not a <Class>/<image> folder: nothing to score
         return rows, None
-    conf = confusion_matrix(torch.tensor(labels), probs.argmax(1), len(classes))
+    labels = torch.tensor([classes.index(top) for top in tops])
+    conf = confusion_matrix(labels, probs.argmax(1), len(classes))
     return rows, classification_metrics(conf, classes)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.stdout.reconfigure(errors="backslashreplace")   # a file name's undecodable bytes print as \udcff
+    sys.stdout.reconfigure(errors="backslashreplace")   # undecodable name bytes print as \udcff
     device, start = torch.device(args.device), time.perf_counter()
-    models = {kind: load_model(path, kind) for kind, path in (("masker", args.masker), ("classifier", args.classifier))
-              if path}
+    models = {kind: load_model(path, kind) for kind, path in (("masker", args.masker),
+              ("classifier", args.classifier)) if path}
     folder, out = Path(args.folder), Path(args.out)
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found")
@@ -211,13 +228,15 @@ def main(argv=None):
     if "masker" in models:
         refuse_twins(paths)
     if args.adapt_bn and len(paths) < 2:
-        raise DataError(f"{folder}: --adapt-bn needs at least 2 images (BatchNorm statistics); drop --adapt-bn")
+        raise DataError(f"{folder}: --adapt-bn needs at least 2 images (BatchNorm statistics); "
+                        "drop --adapt-bn")
     names = [str(p.relative_to(folder)) for p in paths]
     claim_folder(out)   # one predict.py at a time in --out
     check_out(out)
     stage = out / ".predict.new"   # this run's masks and overlays, swapped in whole at the end
     shutil.rmtree(stage, ignore_errors=True)
-    print(f"{len(paths)} images under {folder} | {' and '.join(models)} | adapt BN {args.adapt_bn} | device {device}")
+    print(f"{len(paths)} images under {folder} | {' and '.join(models)} | adapt BN {args.adapt_bn} "
+          f"| device {device}")
     scores, masks_by_size, rows, decoded = {}, {}, None, {}
 
     def decode(size):
@@ -231,8 +250,8 @@ def main(argv=None):
 
     if "masker" in models:   # 1. masks (the classifier may read them as a 4th channel)
         model, ckpt = models["masker"]
-        masks, score = predict_masks(model, ckpt, paths, names, folder, decode, stage, args.adapt_bn,
-                                     args.batch_size, device)
+        masks, score = predict_masks(model, ckpt, paths, names, folder, decode, stage,
+                                     args.adapt_bn, args.batch_size, device)
         masks_by_size[ckpt["args"]["size"]] = masks
         if score:
             scores["masker"] = score
@@ -241,8 +260,8 @@ def main(argv=None):
         size = ckpt["args"]["size"]
         if ckpt["args"].get("mask_mode") == "channel" and size not in masks_by_size:
             raise SystemExit(f"{args.classifier}: reads masks as a 4th channel: give --masker (of the same --size)")
-        rows, score = predict_classes(model, ckpt, names, decode, masks_by_size.get(size), args.adapt_bn,
-                                      args.batch_size, device)
+        rows, score = predict_classes(model, ckpt, names, decode, masks_by_size.get(size),
+                                      args.adapt_bn, args.batch_size, device)
         if score:
             scores["classifier"] = score
     replace_outputs(out, stage, rows, scores)   # 3. report
@@ -251,13 +270,16 @@ def main(argv=None):
 
 
 def report(scores, rows, masked, out, seconds):
+    """The scores, one line a model, and what was written."""
     for kind, m in scores.items():
         if kind == "classifier":
-            print(f"classifier: accuracy {100 * m['accuracy']:.2f}% | balanced {100 * m['balanced_accuracy']:.2f}%")
+            print(f"classifier: accuracy {100 * m['accuracy']:.2f}% | "
+                  f"balanced {100 * m['balanced_accuracy']:.2f}%")
         else:
-            print(f"masker: Dice {m['dice']:.3f} | IoU {m['iou']:.3f} (pooled over pixels) | mean Dice per image "
-                  f"{m['mean_image_dice']:.3f} on {m['n']} masks")
-    wrote = ["predictions.csv"] * bool(rows) + ["masks/", "overlays/"] * masked + ["scores.json"] * bool(scores)
+            print(f"masker: Dice {m['dice']:.3f} | IoU {m['iou']:.3f} (pooled over pixels) | "
+                  f"mean Dice per image {m['mean_image_dice']:.3f} on {m['n']} masks")
+    wrote = ["predictions.csv"] * bool(rows) + ["masks/", "overlays/"] * masked
+    wrote += ["scores.json"] * bool(scores)
     print(f"wrote {', '.join(wrote)} under {out} in {seconds:.1f}s")
 
 

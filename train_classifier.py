@@ -115,7 +115,7 @@ def train_one_epoch(forward, model, data, optimizer, scaler, autocast, class_w, 
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.stdout.reconfigure(errors="backslashreplace")   # a file name's undecodable bytes print as \udcff
+    sys.stdout.reconfigure(errors="backslashreplace")   # undecodable name bytes print as \udcff
     if WORLD > 1:   # torchrun: a process per device, each on its share of every batch; rank 0 alone prints and writes
         dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
         args.device = "cpu" if args.device == "cpu" else f"cuda:{os.environ['LOCAL_RANK']}"
