@@ -153,3 +153,5 @@ if __name__ == "__main__":
         main()
     except DataError as e:   # bad input on disk: one line naming the file, no traceback
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:   # Ctrl-C: one line, not a traceback; nothing was written
+        sys.exit("interrupted")

@@ -61,6 +61,8 @@ def load_model(path, kind):
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != kind:
         raise SystemExit(f"{path}: a {ckpt.get('kind')} checkpoint, not a {kind}'s")
+    if ckpt.get("finished") is False:   # a kill or a NaN stopped it: say so, still use it
+        print(f"note: {path} is from an unfinished run (stopped after epoch {ckpt.get('epoch')})")
     channels = 4 if ckpt["args"].get("mask_mode") == "channel" else 3
     model = ResNetClassifier(len(ckpt["classes"]), channels) if kind == "classifier" else UNet()
     try:
@@ -105,11 +107,9 @@ def save_png(array, path):
 
 
 def list_inputs(folder, out):
-    """FOLDER's images, less what predict.py writes: --out's masks/ and overlays/ when --out is
-    FOLDER, all of --out when it lies inside FOLDER (a rerun never predicts on the last masks)."""
+    """FOLDER's images, less the images predict.py writes (--out's masks/ and overlays/, when
+    --out is FOLDER or inside it): a rerun never predicts on the last run's masks."""
     skip = [(out / name).resolve() for name in ("masks", "overlays")]
-    if out.resolve() != folder.resolve():
-        skip.append(out.resolve())
     full = folder.resolve()
     keep = []
     for path in list_images(folder):
@@ -220,6 +220,8 @@ def main(argv=None):
     models = {kind: load_model(path, kind) for kind, path in (("masker", args.masker),
               ("classifier", args.classifier)) if path}
     folder, out = Path(args.folder), Path(args.out)
+    if folder.is_file():
+        raise DataError(f"{folder}: a file; give the folder of images to predict on")
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found")
     paths = list_inputs(folder, out)
@@ -288,3 +290,5 @@ if __name__ == "__main__":
         main()
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:   # outputs are swapped in at the end: --out keeps the last run's
+        sys.exit("interrupted: --out still holds the previous run's outputs, if any")

@@ -406,3 +406,35 @@ def test_threshold_is_probability_at_least_t_everywhere(wbc, tmp_path, fakes, mo
     train_masker.main(run_argv(wbc, tmp_path / "m", "--dry-run"))
     drawn.append(tmp_path / "m" / "masks" / "val" / "A" / "val_A_0.png")
     assert all(np.asarray(Image.open(path)).mean() > 0.9 * 255 for path in drawn)
+
+
+def test_ctrl_c_in_predict_and_evaluate_is_one_line(wbc, tmp_path, fakes):
+    """Ctrl-C while decoding (data.decode_all raises KeyboardInterrupt): one line each, no traceback."""
+    folder = wbc / "WBC_100" / "val" / "data"
+    runs = [("predict.py", predict_argv(folder, tmp_path / "out", fakes, "masker")),
+            ("evaluate.py", [fakes["masker"], "--device", "cpu"])]
+    code = ("import runpy, sys, data\n"
+            "def stop(*args, **kw):\n"
+            "    raise KeyboardInterrupt\n"
+            "data.decode_all = stop\n"
+            f"for script, argv in {runs!r}:\n"
+            "    sys.argv = [script, *argv]\n"
+            "    try:\n"
+            "        runpy.run_path(script, run_name='__main__')\n"
+            "    except SystemExit as e:\n"
+            "        print('exit:', e.code)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.count("exit: interrupted") == 2, done.stdout
+
+
+def test_predict_on_a_file_and_with_an_unfinished_masker(wbc, tmp_path, fakes, capsys):
+    a_file = tmp_path / "f.png"
+    noise_image(a_file, 0)
+    with pytest.raises(DataError, match="a file; give the folder"):
+        predict.main(predict_argv(a_file, tmp_path / "out", fakes, "masker"))
+    ckpt = torch.load(fakes["masker"], weights_only=True) | {"finished": False, "epoch": 3}
+    torch.save(ckpt, tmp_path / "m.pt")
+    unfinished = {"masker": str(tmp_path / "m.pt")}
+    predict.main(predict_argv(wbc / "WBC_100" / "val" / "data", tmp_path / "out", unfinished, "masker"))
+    assert "unfinished run (stopped after epoch 3)" in capsys.readouterr().out
