@@ -48,8 +48,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not (args.classifier or args.masker):
         p.error("give --classifier, --masker or both")
-    if args.batch_size < 2:
-        p.error("--batch-size must be at least 2 (AdaBN needs batch statistics)")
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    if args.adapt_bn and args.batch_size < 2:
+        p.error("--batch-size must be at least 2 with --adapt-bn (AdaBN needs batch statistics)")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device != "cpu" and not torch.cuda.is_available()):
         p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")

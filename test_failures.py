@@ -438,3 +438,12 @@ def test_predict_on_a_file_and_with_an_unfinished_masker(wbc, tmp_path, fakes, c
     unfinished = {"masker": str(tmp_path / "m.pt")}
     predict.main(predict_argv(wbc / "WBC_100" / "val" / "data", tmp_path / "out", unfinished, "masker"))
     assert "unfinished run (stopped after epoch 3)" in capsys.readouterr().out
+
+
+def test_predict_batch_of_one_needs_no_adabn():
+    argv = ["folder", "--classifier", "c.pt", "--out", "out", "--device", "cpu", "--batch-size", "1"]
+    assert predict.parse_args(argv).batch_size == 1   # eval-mode BatchNorm: one image a pass is fine
+    for extra in (["--adapt-bn"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit) as e:
+            predict.parse_args(argv + extra)
+        assert e.value.code == 2
