@@ -159,7 +159,8 @@ def test_list_images_any_depth_skips_hidden_and_tool_folders(tmp_path):
 
 
 def test_rgba_mask_transparent_pixels_are_background(tmp_path):
-    """An annotation tool's RGBA export: white everywhere, the cell opaque, the rest transparent."""
+    """An annotation tool's RGBA export: white everywhere, the cell opaque, the rest
+    transparent."""
     cell = cell_square()
     rgba = np.full((16, 16, 4), 255, np.uint8)
     rgba[..., 3] = cell * 255

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from losses import (bce, center_bce, center_weights, check_alpha, class_weights, classification_metrics,
-                    confusion_matrix, mask_counts, mask_metrics, mask_weighted_ce, mean_image_dice,
-                    weighted_ce)
+                    confusion_matrix, mask_counts, mask_metrics, mask_weighted_ce,
+                    mean_image_dice, weighted_ce)
 
 
 # ---------------------------------------------------------------------------- stage 1
@@ -207,8 +207,8 @@ def test_mask_metrics_by_hand():
 
 
 def test_mean_image_dice_by_hand():
-    """Per image, then the mean: image 1 Dice 2*1/(2*1 + 1 + 1) = 0.5, image 2 (both empty) 1, image 3 0.
-    Pooled over the pixels of all three it would be 2*1/(2*1 + 1 + 1 + 2) = 1/3."""
+    """Per image, then the mean: image 1 Dice 2*1/(2*1 + 1 + 1) = 0.5, image 2 (both empty) 1,
+    image 3 0. Pooled over the pixels of all three: 2*1/(2*1 + 1 + 1 + 2) = 1/3."""
     pred = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 0, 0]], [[0, 0, 0, 0]]], dtype=torch.bool)
     true = torch.tensor([[[1, 0, 1, 0]], [[0, 0, 0, 0]], [[1, 1, 0, 0]]], dtype=torch.bool)
     assert mean_image_dice(pred, true) == pytest.approx((0.5 + 1 + 0) / 3)
