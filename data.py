@@ -105,7 +105,8 @@ def decode_image(path, size):
         return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=3.0)), (w, h)
 
 def decode_mask(path, size):
-    """(size, size) uint8 0/1 cell mask (encodings: the module docstring), nearest-resized; the original (w, h)."""
+    """(size, size) uint8 0/1 cell mask (encodings: the module docstring; a transparent pixel,
+    alpha < 64, is background), nearest-resized; and the original (w, h)."""
     with Image.open(path) as im:
         check_pixels(im)
         im = ImageOps.exif_transpose(im)

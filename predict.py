@@ -7,6 +7,9 @@ Writes to --out: predictions.csv (path, predicted class, one probability column 
 with a masker, masks/<path>.png (0/255, the image's own size) and overlays/<path>.png (the mask's outline
 on the image). A FOLDER laid out as <Class>/<image> whose classes the classifier knows is also scored
 (accuracy, balanced accuracy), and with a sibling mask/ folder the masks too (Dice), as evaluate.py does.
+Scores go to scores.json. A rerun into one --out replaces the last run's CSV, masks/, overlays/
+and scores.json (never a masks/ that predict.py did not write: refused), and --out's masks/ and
+overlays/ are never read as inputs, even with --out inside FOLDER.
 
 --adapt-bn (AdaBN, Li et al. 2016) recomputes every BatchNorm layer's statistics on FOLDER's images before
 predicting: no labels, no gradient, weights untouched. It helps when a new microscope's colours and scale
