@@ -67,8 +67,9 @@ def evaluate_classifier(ckpt, args):
         raise SystemExit(f"{args.checkpoint}: a classifier checkpoint without its list of classes")
     model, size, folder, autocast = prepare(ResNetClassifier(len(classes), 4 if channel else 3), ckpt, args,
                                             f"a {len(classes)}-class, {4 if channel else 3}-channel ResNet34")
-    own = Path(run["data"]) / "WBC_100" / "val" / "data"   # the run's masks/val: of these only
-    if channel and not args.mask_dir and folder.resolve() != own.resolve():
+    own = Path(run["data"]) / "WBC_100" / "val" / "data" if "data" in run else None
+    same = own is not None and folder.resolve() == own.resolve()   # the run's masks/val: these
+    if channel and not args.mask_dir and not same:
         raise SystemExit(f"--data {args.data}: a mask-channel classifier needs masks of these "
                          "images: give --mask-dir")
     masks = Path(args.mask_dir) if args.mask_dir else Path(run.get("masks", "masks")) / "val"
@@ -127,8 +128,8 @@ def mask_report(pred, true, title, **extra):
     m["mean_image_dice"] = mean_image_dice(pred, true)
     m |= extra
     print(title)
-    print(f"pooled over pixels: pixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | "
-          f"Dice {m['dice']:.3f} | mean Dice per image {m['mean_image_dice']:.3f}")
+    print(f"pixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | Dice {m['dice']:.3f} "
+          f"(pooled over pixels) | mean Dice per image {m['mean_image_dice']:.3f}")
     return m
 
 def main(argv=None):
