@@ -218,6 +218,21 @@ def predict_classes(model, ckpt, names, decode, masks, adapt_bn, batch_size, dev
     return rows, classification_metrics(conf, classes)
 
 
+def decoder(paths):
+    """decode(size): the images at `size` (N, 3, S, S) uint8 and their (w, h), decoded once for
+    both models."""
+    decoded = {}
+
+    def decode(size):
+        if size not in decoded:
+            images, shapes, bad = decode_all("image", paths, size, log=print)
+            if bad:
+                raise DataError(f"{len(bad)} unreadable image(s), e.g. {paths[min(bad)]}: {bad[min(bad)]}")
+            decoded[size] = torch.from_numpy(images), shapes
+        return decoded[size]
+    return decode
+
+
 def main(argv=None):
     args = parse_args(argv)
     sys.stdout.reconfigure(errors="backslashreplace")   # undecodable name bytes print as \udcff
@@ -244,17 +259,8 @@ def main(argv=None):
     shutil.rmtree(stage, ignore_errors=True)
     print(f"{len(paths)} images under {folder} | {' and '.join(models)} | adapt BN {args.adapt_bn} "
           f"| device {device}")
-    scores, masks_by_size, rows, decoded = {}, {}, None, {}
-
-    def decode(size):
-        """FOLDER's images at `size` (N, 3, S, S) uint8 and their (w, h), decoded once for both models."""
-        if size not in decoded:
-            images, shapes, bad = decode_all("image", paths, size, log=print)
-            if bad:
-                raise DataError(f"{len(bad)} unreadable image(s), e.g. {paths[min(bad)]}: {bad[min(bad)]}")
-            decoded[size] = torch.from_numpy(images), shapes
-        return decoded[size]
-
+    scores, masks_by_size, rows = {}, {}, None
+    decode = decoder(paths)
     if "masker" in models:   # 1. masks (the classifier may read them as a 4th channel)
         model, ckpt = models["masker"]
         masks, score = predict_masks(model, ckpt, paths, names, folder, decode, stage,
