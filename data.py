@@ -106,7 +106,8 @@ def decode_image(path, size):
         return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=3.0)), (w, h)
 
 def decode_mask(path, size):
-    """(size, size) uint8 0/1 cell mask (encodings: the module docstring), nearest-resized; the original (w, h)."""
+    """(size, size) uint8 0/1 cell mask (encodings: the module docstring; a transparent pixel,
+    alpha < 64, is background), nearest-resized; and the original (w, h)."""
     with Image.open(path) as im:
         check_pixels(im)
         im = ImageOps.exif_transpose(im)
@@ -115,6 +116,9 @@ def decode_mask(path, size):
         else:
             a = np.asarray(im, dtype=np.float64) if im.mode in WIDE_MODES else np.asarray(im.convert("L"))
             cell = a == 1 if a.max() == 1 else (wide_to_8bit(a) if im.mode in WIDE_MODES else a) >= 64
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            alpha = np.asarray(im.convert("RGBA"))[..., 3]
+            cell = cell & (alpha >= 64)   # a (mostly) transparent pixel is background
     small = Image.fromarray(cell.astype(np.uint8)).resize((size, size), Image.NEAREST)
     return np.asarray(small), (cell.shape[1], cell.shape[0])
 
@@ -334,10 +338,21 @@ def save_checkpoint(obj, path):
 def save_json(obj, path):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
+def csv_cell(value):
+    """A text cell as a spreadsheet shows it, never runs it: one starting with = + - @ (a formula),
+    a tab or a CR gets a leading quote. A file name's undecodable bytes (surrogate escapes) are
+    written as \\xff, so the file stays UTF-8."""
+    if not isinstance(value, str):
+        return value
+    text = os.fsencode(value).decode("utf-8", "backslashreplace")
+    if text.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + text
+    return text
+
 def save_csv(rows, path):   # same-keyed dicts, a header row
-    writer = csv.DictWriter(text := io.StringIO(), fieldnames=list(rows[0]))
+    writer = csv.DictWriter(text := io.StringIO(), fieldnames=[csv_cell(key) for key in rows[0]])
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows([{csv_cell(k): csv_cell(v) for k, v in row.items()} for row in rows])
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 def save_mask_png(mask, path):   # (H, W) bool or 0/1 mask -> 0/255 PNG

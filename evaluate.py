@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from data import DataError, decode_all, infer, load_checkpoint, load_set, save_json, scan_folder
-from losses import classification_metrics, confusion_matrix, mask_counts, mask_metrics
+from losses import (classification_metrics, confusion_matrix, mask_counts, mask_metrics,
+                    mean_image_dice)
 from resnet_cls import ResNetClassifier
 from unet import UNet
 
@@ -66,6 +67,11 @@ def evaluate_classifier(ckpt, args):
         raise SystemExit(f"{args.checkpoint}: a classifier checkpoint without its list of classes")
     model, size, folder, autocast = prepare(ResNetClassifier(len(classes), 4 if channel else 3), ckpt, args,
                                             f"a {len(classes)}-class, {4 if channel else 3}-channel ResNet34")
+    own = Path(run["data"]) / "WBC_100" / "val" / "data" if "data" in run else None
+    same = own is not None and folder.resolve() == own.resolve()   # the run's masks/val: these
+    if channel and not args.mask_dir and not same:
+        raise SystemExit(f"--data {args.data}: a mask-channel classifier needs masks of these "
+                         "images: give --mask-dir")
     masks = Path(args.mask_dir) if args.mask_dir else Path(run.get("masks", "masks")) / "val"
     data = load_set(folder, size, classes=classes, mask_dirs=[masks] if channel else [])
     if channel and not data.has_mask.all():
@@ -80,9 +86,11 @@ def evaluate_classifier(ckpt, args):
     print(f"{'std':<19} {100 * m['per_class_error_std']:>7.2f}%")
     print(f"accuracy {100 * m['accuracy']:.2f}% | balanced accuracy {100 * m['balanced_accuracy']:.2f}% | "
           f"macro F1 {m['macro_f1']:.3f} | majority baseline {100 * m['majority_baseline']:.2f}%")
-    print("confusion (rows true, columns predicted):")
-    for c, row in [("", [c[:5] for c in classes]), *zip(classes, m["confusion"])]:   # a header row, then a class a row
-        print(f"{c:>{max(map(len, classes))}} " + " ".join(f"{v:>5}" for v in row))
+    print("confusion (rows true, columns predicted; column j is the class of row j):")
+    width = max(map(len, classes))
+    print(" " * (width + 4) + " ".join(f"{j:>5}" for j in range(1, len(classes) + 1)))
+    for j, (c, row) in enumerate(zip(classes, m["confusion"]), 1):   # whole names, however alike
+        print(f"{j:>2} {c:<{width}} " + " ".join(f"{v:>5}" for v in row))
     return m | {"data": str(folder)}
 
 def evaluate_masker(ckpt, args):
@@ -94,8 +102,9 @@ def evaluate_masker(ckpt, args):
     if len(data) == 0:
         raise DataError(f"{folder.parent / 'mask'}: no ground-truth masks to score the masker against")
     logits = infer(model, data.images, None, args.batch_size, args.device, autocast)
-    threshold = torch.logit(torch.tensor(ckpt["args"].get("threshold", 0.5))).item()
-    return mask_report(logits > threshold, data.masks > 0, f"{args.checkpoint} on {len(data)} masks of {folder}",
+    threshold = ckpt["args"].get("threshold", 0.5)
+    cells = torch.sigmoid(logits) >= threshold   # the rule of the masker and predict.py
+    return mask_report(cells, data.masks > 0, f"{args.checkpoint} on {len(data)} masks of {folder}",
                        data=str(folder), n=len(data))
 
 def compare_mask_folders(pred_dir, true_dir, size):
@@ -113,13 +122,19 @@ def compare_mask_folders(pred_dir, true_dir, size):
     return mask_report(pred, true, f"{pred_dir} against {true_dir} ({len(paths)} masks at {size} px)", n=len(paths))
 
 def mask_report(pred, true, title, **extra):
-    """Pixel error, IoU and Dice of bool masks `pred` against `true` (one shape), + `extra`; printed under `title`."""
-    m = mask_metrics(mask_counts(pred, true)) | extra
-    print(f"{title}\npixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | Dice {m['dice']:.3f}")
+    """Pixel error, IoU and Dice pooled over every pixel, and the mean of each image's Dice, of
+    bool masks `pred` against `true` (N, ...), + `extra`; printed under `title`."""
+    m = mask_metrics(mask_counts(pred, true))
+    m["mean_image_dice"] = mean_image_dice(pred, true)
+    m |= extra
+    print(title)
+    print(f"pixel error {100 * m['pixel_error']:.2f}% | IoU {m['iou']:.3f} | Dice {m['dice']:.3f} "
+          f"(pooled over pixels) | mean Dice per image {m['mean_image_dice']:.3f}")
     return m
 
 def main(argv=None):
     args = parse_args(argv)
+    sys.stdout.reconfigure(errors="backslashreplace")   # undecodable name bytes print as \udcff
     if args.pred_masks:
         metrics = compare_mask_folders(args.pred_masks, args.true_masks, args.size or 224)
     else:
@@ -139,3 +154,5 @@ if __name__ == "__main__":
         main()
     except DataError as e:   # bad input on disk: one line naming the file, no traceback
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:   # Ctrl-C: one line, not a traceback; nothing was written
+        sys.exit("interrupted")

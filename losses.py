@@ -6,7 +6,7 @@ The report's two losses:
     mask_weighted_ce(L, y, mask, alpha, class_w)   classifier: CE at every location of the logit map L
                                                    (B, C, h, w), weighted by (a1*mask + a2)
 Baselines: bce (plain BCE), weighted_ce (CE of the pooled logits), class_weights (1/count, --balance).
-Metrics: confusion_matrix, classification_metrics, mask_counts, mask_metrics.
+Metrics: confusion_matrix, classification_metrics, mask_counts, mask_metrics, mean_image_dice.
 """
 import math
 
@@ -156,7 +156,9 @@ def mask_counts(pred, target):
 
 def mask_metrics(counts):
     """pixel_error, iou, dice of the cell class from [tp, fp, fn, tn] counts (plain floats).
-    IoU and Dice are 1 when neither prediction nor truth has a cell pixel."""
+    Pooled: the counts are summed over every pixel of every image, so a large cell weighs more
+    than a small one (mean_image_dice weighs each image once). IoU and Dice are 1 when neither
+    prediction nor truth has a cell pixel."""
     tp, fp, fn, tn = (float(c) for c in counts)
     total = tp + fp + fn + tn
     if total == 0:
@@ -165,6 +167,17 @@ def mask_metrics(counts):
     return {"pixel_error": (fp + fn) / total,
             "iou": tp / union if union else 1.0,
             "dice": 2 * tp / (2 * tp + fp + fn) if union else 1.0}
+
+
+def mean_image_dice(pred, target):
+    """The mean over images of each image's Dice of the cell class (the usual figure in
+    segmentation papers); pred, target: bool (N, ...) tensors of one shape. An image with a cell
+    pixel in neither counts 1, as in mask_metrics. A plain float."""
+    pred, target = pred.bool().flatten(1), target.bool().flatten(1)   # (N, P)
+    tp = (pred & target).sum(1).double()
+    both = pred.sum(1).double() + target.sum(1).double()               # 2 tp + fp + fn
+    dice = torch.where(both > 0, 2 * tp / both.clamp_min(1), torch.ones_like(tp))
+    return dice.mean().item()
 
 
 # ---------------------------------------------------------------------------- guidance and audit

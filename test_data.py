@@ -182,3 +182,14 @@ def test_list_images_any_depth_skips_hidden_and_tool_folders(tmp_path):
         (tmp_path / rel).write_bytes(b"x")
     assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["A/a.png", "A/deep/b.jpg"]
     assert list_images(tmp_path / "missing") == []
+
+
+def test_rgba_mask_transparent_pixels_are_background(tmp_path):
+    """An annotation tool's RGBA export: white everywhere, the cell opaque, the rest
+    transparent."""
+    cell = cell_square()
+    rgba = np.full((16, 16, 4), 255, np.uint8)
+    rgba[..., 3] = cell * 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "m.png")
+    got, _ = decode_mask(tmp_path / "m.png", 16)
+    assert np.array_equal(got.astype(bool), cell)

@@ -1,11 +1,14 @@
 """Fail loudly: no run exits 0 with wrong results, and bad input ends in one line, never a traceback.
 
 Each test provokes one fault a careless user can cause (tiny 40 px images decoded at 32 px, CPU)."""
+import csv
 import errno
 import fcntl
+import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +22,13 @@ from PIL import Image
 
 import data
 import evaluate
+import predict
 import train_classifier
 import train_masker
 from data import DataError, atomic_write, decode_all
-from test_robustness import noise_image, run_argv, tiny_wbc
+from resnet_cls import ResNetClassifier
+from test_robustness import noise_image, run_argv, square_mask, tiny_wbc
+from unet import UNet
 
 HERE = Path(__file__).parent
 
@@ -227,4 +233,234 @@ def test_evaluate_json_folder_and_size_zero_refused(tmp_path, capsys):
     for argv in (["x.pt", "--json", str(tmp_path)], ["x.pt", "--size", "0"], ["x.pt", "--batch-size", "0"]):
         with pytest.raises(SystemExit) as e:
             evaluate.parse_args(argv)
+        assert e.value.code == 2
+
+
+# ---------------------------------------------------------- predict.py and evaluate.py (issue 19)
+
+def save_fake_checkpoint(path, kind, classes=("A", "B"), **run):
+    """A finished run's checkpoint with seeded random weights: predict and evaluate run it
+    without training."""
+    torch.manual_seed(0)
+    channels = 4 if run.get("mask_mode") == "channel" else 3
+    model = UNet() if kind == "masker" else ResNetClassifier(len(classes), channels)
+    torch.save({"kind": kind, "finished": True, "classes": list(classes),
+                "args": {"size": 32, **run}, "model": model.state_dict()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fakes(wbc, tmp_path_factory):
+    where = tmp_path_factory.mktemp("fakes")
+    masker = save_fake_checkpoint(where / "m.pt", "masker", data=str(wbc), threshold=0.5)
+    classifier = save_fake_checkpoint(where / "c.pt", "classifier", data=str(wbc))
+    return {"masker": masker, "classifier": classifier}
+
+
+def predict_argv(folder, out, fakes, *kinds, extra=()):
+    flags = [x for kind in kinds for x in (f"--{kind}", fakes[kind])]
+    return [str(folder), *flags, "--out", str(out), "--device", "cpu", *extra]
+
+
+def csv_paths(out):
+    with open(out / "predictions.csv", encoding="utf-8") as f:
+        return [row["path"] for row in csv.DictReader(f)]
+
+
+def test_predict_overlay_of_an_exif_rotated_jpeg_is_upright(tmp_path, fakes):
+    """A phone JPEG stored 50x30 with EXIF 'turn 90 degrees': mask and overlay are both the
+    upright 30x50."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "new").mkdir()
+    stored = Image.fromarray(np.zeros((30, 50, 3), np.uint8))
+    stored.save(tmp_path / "new" / "phone.jpg", exif=exif)
+    predict.main(predict_argv(tmp_path / "new", tmp_path / "out", fakes, "masker"))
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "phone.png"))
+    drawn = np.asarray(Image.open(tmp_path / "out" / "overlays" / "phone.png"))
+    assert mask.shape == (50, 30) and drawn.shape == (50, 30, 3)
+
+
+def test_predict_refuses_two_images_whose_masks_would_share_a_name(tmp_path, fakes):
+    for ext in ("jpg", "png"):
+        noise_image(tmp_path / "new" / f"x.{ext}", 0)
+    with pytest.raises(DataError, match=r"x\.jpg and .*x\.png: two images with one name"):
+        predict.main(predict_argv(tmp_path / "new", tmp_path / "out", fakes, "masker"))
+    predict.main(predict_argv(tmp_path / "new", tmp_path / "out", fakes, "classifier"))   # no masks
+    assert csv_paths(tmp_path / "out") == ["x.jpg", "x.png"]
+
+
+@pytest.mark.parametrize("where", ["inside", "equal"])
+def test_predict_never_reads_its_own_outputs_as_inputs(tmp_path, fakes, where):
+    new = tmp_path / "new"
+    for i in range(2):
+        noise_image(new / f"img{i}.png", i)
+    out = new / "pred" if where == "inside" else new
+    predict.main(predict_argv(new, out, fakes, "masker"))
+    predict.main(predict_argv(new, out, fakes, "classifier"))   # finds the last masks and overlays
+    assert csv_paths(out) == ["img0.png", "img1.png"]
+
+
+def test_predict_rerun_removes_the_previous_runs_outputs(tmp_path, fakes):
+    new, out = tmp_path / "new", tmp_path / "out"
+    noise_image(new / "A" / "a.png", 0)
+    noise_image(new / "B" / "b.png", 1)
+    predict.main(predict_argv(new, out, fakes, "masker", "classifier"))
+    assert (out / "masks" / "B" / "b.png").exists() and (out / "scores.json").exists()
+    (new / "B" / "b.png").unlink()
+    noise_image(new / "c.png", 1)   # unlabelled: no scores this time
+    predict.main(predict_argv(new, out, fakes, "classifier"))
+    assert csv_paths(out) == ["A/a.png", "c.png"]
+    assert not (out / "masks").exists() and not (out / "overlays").exists()
+    assert not (out / "scores.json").exists()
+
+
+def test_predict_never_clears_a_masks_folder_it_did_not_write(tmp_path, fakes):
+    new = tmp_path / "new"
+    noise_image(new / "img.png", 0)
+    square_mask(new / "masks" / "img.png")   # the user's own masks; --out is the folder itself
+    with pytest.raises(DataError, match="not written by predict.py"):
+        predict.main(predict_argv(new, new, fakes, "masker"))
+    assert (new / "masks" / "img.png").exists()
+
+
+def test_adapt_bn_on_a_batch_of_one(tmp_path, fakes):
+    """One image: refused in one line. Three in batches of two: the last image joins the batch
+    before."""
+    new = tmp_path / "new"
+    noise_image(new / "img0.png", 0)
+    adapt = ["--adapt-bn", "--batch-size", "2"]
+    with pytest.raises(DataError, match="--adapt-bn needs at least 2 images"):
+        predict.main(predict_argv(new, tmp_path / "out", fakes, "classifier", extra=adapt))
+    for i in (1, 2):
+        noise_image(new / f"img{i}.png", i % 2)
+    argv = predict_argv(new, tmp_path / "out", fakes, "masker", "classifier", extra=adapt)
+    predict.main(argv)
+    assert len(csv_paths(tmp_path / "out")) == 3
+
+
+def test_training_set_of_one_image_is_refused_in_one_line(tmp_path):
+    root = tiny_wbc(tmp_path / "d", n_train=1)
+    for part in ("train/data/B", "train/mask/B", "val/data/B"):
+        shutil.rmtree(root / "WBC_100" / part)
+    with pytest.raises(DataError, match="BatchNorm needs 2"):
+        train_classifier.main(run_argv(root, tmp_path / "out", "--epochs", "1"))
+
+
+def test_file_names_that_are_not_utf8_print_and_write(tmp_path, fakes, monkeypatch):
+    """Linux names are bytes: b'\\xff.png' decodes to a surrogate escape, which a strict UTF-8
+    stdout refuses."""
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="utf-8"))
+    odd = tmp_path / os.fsdecode(b"new\xff")
+    noise_image(odd / os.fsdecode(b"\xff.png"), 0)
+    noise_image(odd / "plain.png", 1)
+    predict.main(predict_argv(odd, tmp_path / "out", fakes, "masker", "classifier"))
+    assert set(csv_paths(tmp_path / "out")) == {"\\xff.png", "plain.png"}
+    with pytest.raises(SystemExit, match="not found"):   # prints the checkpoint's path first
+        evaluate.main([str(odd / "x.pt")])
+    with pytest.raises(DataError, match="not found"):    # prints its --out, then finds no data
+        train_classifier.main(run_argv(odd / "missing", odd / "out", "--dry-run"))
+    sys.stdout.flush()
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_quoted(tmp_path):
+    texts = ("=1+1", "+1", "-1", "@SUM(A1)", "a=b")
+    rows = [{"path": text, "p": "0.5000", "loss": -1.5} for text in texts]
+    data.save_csv(rows, tmp_path / "x.csv")
+    with open(tmp_path / "x.csv", encoding="utf-8") as f:
+        back = list(csv.DictReader(f))
+    assert [r["path"] for r in back] == ["'=1+1", "'+1", "'-1", "'@SUM(A1)", "a=b"]
+    assert {r["p"] for r in back} == {"0.5000"}   # numbers stay numbers
+    assert {r["loss"] for r in back} == {"-1.5"}
+
+
+def test_channel_classifier_on_another_dataset_needs_its_masks(wbc, tmp_path):
+    masks = tmp_path / "masks"
+    shutil.copytree(wbc / "WBC_100" / "val" / "mask", masks / "val")   # the run's val masks
+    ckpt = save_fake_checkpoint(tmp_path / "c.pt", "classifier", data=str(wbc), masks=str(masks),
+                                mask_mode="channel")
+    other = tmp_path / "other"
+    shutil.copytree(wbc, other)   # same stems, so the run's masks would fit silently
+    with pytest.raises(SystemExit, match="--mask-dir") as e:
+        evaluate.main([ckpt, "--data", str(other), "--device", "cpu"])
+    assert "\n" not in str(e.value)
+    evaluate.main([ckpt, "--device", "cpu"])   # its own dataset: its own masks
+    theirs = other / "WBC_100" / "val" / "mask"
+    evaluate.main([ckpt, "--data", str(other), "--mask-dir", str(theirs), "--device", "cpu"])
+
+
+def test_confusion_matrix_names_every_class_whole(tmp_path, capsys):
+    classes = ("Neutrophil", "Neutrophil_band")   # the same first 5 letters
+    for c, cls in enumerate(classes):
+        noise_image(tmp_path / "val" / cls / "img.png", c)
+    ckpt = save_fake_checkpoint(tmp_path / "c.pt", "classifier", classes, data=str(tmp_path))
+    evaluate.main([ckpt, "--data", str(tmp_path / "val"), "--device", "cpu"])
+    table = capsys.readouterr().out.split("confusion (rows true")[1].splitlines()[1:]
+    header, rows = table[0].split(), [line.split() for line in table[1:]]
+    assert len(header) == len(classes) == len(rows)
+    named = {row[0]: row[1] for row in rows}   # a numbered legend: row j names column j
+    assert [named.get(h, h) for h in header] == list(classes)
+
+
+def test_threshold_is_probability_at_least_t_everywhere(wbc, tmp_path, fakes, monkeypatch,
+                                                        capsys):
+    """Logits 0 are probability 0.5, exactly the default threshold: every pixel is cell, in every
+    script."""
+    def half(model, images, *args, **kw):
+        return torch.zeros(len(images), 1, *images.shape[-2:])
+    for script in (evaluate, predict, train_masker):
+        monkeypatch.setattr(script, "infer", half)
+    m = evaluate.main([fakes["masker"], "--device", "cpu"])
+    assert m["dice"] > 0 and m["mean_image_dice"] > 0
+    assert "pooled over pixels" in capsys.readouterr().out
+    val = wbc / "WBC_100" / "val" / "data"
+    scores = predict.main(predict_argv(val, tmp_path / "p", fakes, "masker"))["masker"]
+    assert scores["dice"] == m["dice"] and scores["mean_image_dice"] == m["mean_image_dice"]
+    drawn = [tmp_path / "p" / "masks" / "A" / "val_A_0.png"]   # 40 px: interpolation rounds a few
+    train_masker.main(run_argv(wbc, tmp_path / "m", "--dry-run"))
+    drawn.append(tmp_path / "m" / "masks" / "val" / "A" / "val_A_0.png")
+    assert all(np.asarray(Image.open(path)).mean() > 0.9 * 255 for path in drawn)
+
+
+def test_ctrl_c_in_predict_and_evaluate_is_one_line(wbc, tmp_path, fakes):
+    """Ctrl-C while decoding (data.decode_all raises KeyboardInterrupt): one line each, no
+    traceback."""
+    folder = wbc / "WBC_100" / "val" / "data"
+    runs = [("predict.py", predict_argv(folder, tmp_path / "out", fakes, "masker")),
+            ("evaluate.py", [fakes["masker"], "--device", "cpu"])]
+    code = ("import runpy, sys, data\n"
+            "def stop(*args, **kw):\n"
+            "    raise KeyboardInterrupt\n"
+            "data.decode_all = stop\n"
+            f"for script, argv in {runs!r}:\n"
+            "    sys.argv = [script, *argv]\n"
+            "    try:\n"
+            "        runpy.run_path(script, run_name='__main__')\n"
+            "    except SystemExit as e:\n"
+            "        print('exit:', e.code)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                          timeout=120)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.count("exit: interrupted") == 2, done.stdout
+
+
+def test_predict_on_a_file_and_with_an_unfinished_masker(wbc, tmp_path, fakes, capsys):
+    a_file = tmp_path / "f.png"
+    noise_image(a_file, 0)
+    with pytest.raises(DataError, match="a file; give the folder"):
+        predict.main(predict_argv(a_file, tmp_path / "out", fakes, "masker"))
+    ckpt = torch.load(fakes["masker"], weights_only=True) | {"finished": False, "epoch": 3}
+    torch.save(ckpt, tmp_path / "m.pt")
+    unfinished = {"masker": str(tmp_path / "m.pt")}
+    val = wbc / "WBC_100" / "val" / "data"
+    predict.main(predict_argv(val, tmp_path / "out", unfinished, "masker"))
+    assert "unfinished run (stopped after epoch 3)" in capsys.readouterr().out
+
+
+def test_predict_batch_of_one_needs_no_adabn():
+    argv = ["folder", "--classifier", "c.pt", "--out", "out", "--batch-size", "1"]
+    assert predict.parse_args(argv).batch_size == 1   # eval-mode BatchNorm takes one image
+    for extra in (["--adapt-bn"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit) as e:
+            predict.parse_args(argv + extra)
         assert e.value.code == 2

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from losses import (bce, center_bce, center_weights, check_alpha, class_weights, classification_metrics,
-                    confusion_matrix, mask_counts, mask_metrics, mask_weighted_ce, weighted_ce)
+                    confusion_matrix, mask_counts, mask_metrics, mask_weighted_ce,
+                    mean_image_dice, weighted_ce)
 
 
 # ---------------------------------------------------------------------------- stage 1
@@ -210,3 +211,13 @@ def test_mask_metrics_by_hand():
     m = mask_metrics(counts)
     assert m == pytest.approx({"pixel_error": 0.5, "iou": 1 / 3, "dice": 0.5})
     assert mask_metrics(mask_counts(true, true)) == pytest.approx({"pixel_error": 0.0, "iou": 1.0, "dice": 1.0})
+
+
+def test_mean_image_dice_by_hand():
+    """Per image, then the mean: image 1 Dice 2*1/(2*1 + 1 + 1) = 0.5, image 2 (both empty) 1,
+    image 3 0. Pooled over the pixels of all three: 2*1/(2*1 + 1 + 1 + 2) = 1/3."""
+    pred = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 0, 0]], [[0, 0, 0, 0]]], dtype=torch.bool)
+    true = torch.tensor([[[1, 0, 1, 0]], [[0, 0, 0, 0]], [[1, 1, 0, 0]]], dtype=torch.bool)
+    assert mean_image_dice(pred, true) == pytest.approx((0.5 + 1 + 0) / 3)
+    assert mask_metrics(mask_counts(pred, true))["dice"] == pytest.approx(1 / 3)
+    assert isinstance(mean_image_dice(pred, true), float)

@@ -115,6 +115,7 @@ def train_one_epoch(forward, model, data, optimizer, scaler, autocast, class_w, 
 
 def main(argv=None):
     args = parse_args(argv)
+    sys.stdout.reconfigure(errors="backslashreplace")   # undecodable name bytes print as \udcff
     if WORLD > 1:   # torchrun: a process per device, each on its share of every batch; rank 0 alone prints and writes
         dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
         args.device = "cpu" if args.device == "cpu" else f"cuda:{os.environ['LOCAL_RANK']}"
@@ -139,6 +140,8 @@ def main(argv=None):
     dirs, need = wbc_dirs(args.data, args.split), args.alpha is not None or channel   # need: a mask for every image
     train = load_set(dirs["train_data"], args.size, None, [dirs["train_mask"], args.masks / "train"] if need else [],
                      cache, args.skip_bad, need_masks=need)
+    if len(train) < 2:   # BatchNorm cannot train on a batch of one
+        raise DataError(f"{dirs['train_data']}: {len(train)} training image(s); BatchNorm needs 2")
     val = load_set(dirs["val_data"], args.size, train.classes, [args.masks / "val"] if channel else [], cache,
                    args.skip_bad, need_masks=channel)
     check_no_leakage(val, train)   # a val image in training: one line naming both

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=int, default=40, help="epochs for WBC_100's masks; smaller splits get more")
     g.add_argument("--batch-size", type=int, default=16, help="images per step, all processes together (>= 2 each)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to 0 in each stage)")
-    g.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is cell")
+    g.add_argument("--threshold", type=float, default=0.5, help="cell: probability >= this")
     g.add_argument("--zoom", type=float, nargs=2, default=[0.75, 1.0], help="crop side range (above 1 zooms out)")
     g.add_argument("--stain", type=float, default=0.0, help="hue/saturation/grey augmentation strength in [0, 1]")
     g.add_argument("--blur", type=float, default=0.0, help="largest Gaussian blur sigma in px (0 = off)")
@@ -100,13 +100,15 @@ def train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         scaler.step(optimizer)
         scaler.update()
-        totals += torch.stack([loss.detach(), ((logits.detach() > 0) != m.bool()).float().mean()]) * len(m)   # sums
+        wrong = (logits.detach() >= 0) != m.bool()   # logit >= 0: probability >= 0.5 is cell
+        totals += torch.stack([loss.detach(), wrong.float().mean()]) * len(m)   # sums
     torch.distributed.all_reduce(totals) if WORLD > 1 else None   # loss and pixel error: sums over every process
     seen = sum(len(idx) for idx in batches)
     return (*(totals / seen).tolist(), seen / (time.perf_counter() - start), int(bad_step))
 
 def main(argv=None):
     args = parse_args(argv)
+    sys.stdout.reconfigure(errors="backslashreplace")   # undecodable name bytes print as \udcff
     if WORLD > 1:   # torchrun: a process per device, each on its share of every batch; rank 0 alone prints and writes
         torch.distributed.init_process_group("gloo" if args.device == "cpu" else "nccl")
         args.device = "cpu" if args.device == "cpu" else f"cuda:{os.environ['LOCAL_RANK']}"
@@ -196,7 +198,7 @@ def main(argv=None):
 
     # 5. report: scores; a 0/255 mask of every image at its own size, written beside and swapped in whole
     scores = {name: mask_metrics(mask_counts(torch.sigmoid(infer(model, s.images, None, 64, device, autocast))
-                                             > args.threshold, s.masks > 0))
+                                             >= args.threshold, s.masks > 0))
               for name, s in (("train", labelled), ("held_out", held_out)) if s}
     metrics = scores | dict(split=args.split, loss=args.loss, pretrain_on=args.pretrain_on, n_masks=len(labelled),
                             epochs=epochs)
@@ -206,7 +208,8 @@ def main(argv=None):
         prob = torch.sigmoid(infer(model, image_set.images, None, 64, device, autocast))   # (N, 1, S, S)
         for i, (path, (w, h), y) in enumerate(zip(image_set.paths, image_set.sizes, image_set.labels)):
             full = torch.nn.functional.interpolate(prob[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)
-            save_mask_png(full[0, 0] > args.threshold, new / part / image_set.classes[y] / f"{path.stem}.png")
+            cell = full[0, 0] >= args.threshold   # the rule of evaluate.py and predict.py
+            save_mask_png(cell, new / part / image_set.classes[y] / f"{path.stem}.png")
     shutil.rmtree(args.out / "masks", ignore_errors=True)   # a kill here leaves no masks, never a mix of two runs'
     os.replace(new, args.out / "masks")
     save_json(metrics, args.out / "metrics.json")
