@@ -166,8 +166,9 @@ def main(argv=None):
     counts = torch.bincount(train.labels, minlength=len(train.classes)).tolist()
     class_w = class_weights(counts).to(device) if args.balance else None
     print(f"train {len(train)} images {dict(zip(train.classes, counts))} | val {len(val)} | {epochs} epochs")
-    if need and not train.masks.any():   # a masker that learned nothing: the masks would guide nothing
-        raise DataError(f"{args.masks / 'train'} (after {dirs['train_mask']}): every mask is empty; draw them again "
+    if need and (not train.masks.any() or train.masks.all()):   # a masker that learned nothing: no guidance
+        what = "empty" if not train.masks.any() else "all cell"
+        raise DataError(f"{args.masks / 'train'} (after {dirs['train_mask']}): every mask is {what}; draw them again "
                         f"with train_masker.py (did it learn?) or train without --alpha and --mask-mode channel")
     if resume and (resume["fingerprint"] != train.fingerprint or resume.get("classes") != train.classes):
         sys.exit(f"--resume: {ckpt_path} was trained on other files (images or masks changed since); start afresh")

@@ -91,12 +91,19 @@ def interrupt(signum, frame):   # SIGTERM (kill, a scheduler), SIGHUP (a closed 
 
 def check_learned(probs, threshold, out):
     """DataError unless some image's mask holds both cell and background: a UNet that learned nothing (an --lr too
-    high: finite loss, exploded weights) must not hand the classifier empty or all-cell masks."""
+    high: finite loss, exploded weights) must not hand the classifier empty or all-cell masks. Probabilities all
+    near 0.5 (a few steps of a smoke test) only warn: that UNet has not decided anything yet."""
     cells = torch.cat([p > threshold for p in probs]).flatten(1)   # (N, S*S)
     mixed = cells.any(1) & ~cells.all(1)
-    if not mixed.any():
-        raise DataError(f"{out}: every image's mask is empty or all cell: the UNet learned nothing, no masks written;"
-                        f" train again with a lower --lr or more --epochs")
+    if mixed.any():
+        return
+    what = "empty" if not cells.any() else "all cell" if cells.all() else "empty or all cell"
+    message = f"{out}: every image's mask is {what}: the UNet learned nothing"
+    decided = max((p - 0.5).abs().max().item() for p in probs)
+    if decided < 0.1:
+        print(f"warning: {message} yet (every probability within 0.1 of 0.5); train longer before using its masks")
+        return
+    raise DataError(f"{message}, no masks written; train again with a lower --lr or more --epochs")
 
 def train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, args):
     """One pass over uint8 images (N, 3, S, S), masks (N, 1, S, S) (one batch with --dry-run), this process on its
