@@ -187,6 +187,8 @@ def main(argv=None):
     scheduler = halving_schedule(optimizer, epochs * steps)
     first, log_rows, saved = 1, [], "no checkpoint had been saved yet"
     (args.out / "metrics.json").unlink(missing_ok=True) if RANK == 0 else None   # no old result beside this run's
+    if resume and resume["scheduler"]["last_epoch"] != resume["epoch"] * steps:   # stepped per epoch before
+        sys.exit(f"--resume: {ckpt_path} is of an older train_classifier.py (lr stepped per epoch); start afresh")
     if resume:
         for part, name in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")):
             part.load_state_dict(resume[name])
@@ -240,8 +242,9 @@ def main(argv=None):
     return metrics
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGHUP, interrupt)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:   # nohup's ignored SIGHUP stays ignored
+            signal.signal(signum, interrupt)
     try:
         main()
     except KeyboardInterrupt:

@@ -252,8 +252,9 @@ def main(argv=None):
     return metrics
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGHUP, interrupt)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:   # nohup's ignored SIGHUP stays ignored
+            signal.signal(signum, interrupt)
     try:
         main()
     except (DataError, KeyboardInterrupt) as e:   # one line, not a traceback; Ctrl-C: --resume goes on
