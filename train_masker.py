@@ -90,20 +90,16 @@ def interrupt(signum, frame):   # SIGTERM (kill, a scheduler), SIGHUP (a closed 
     raise KeyboardInterrupt
 
 def check_learned(probs, threshold, out):
-    """DataError unless some image's mask holds both cell and background: a UNet that learned nothing (an --lr too
-    high: finite loss, exploded weights) must not hand the classifier empty or all-cell masks. Probabilities all
-    near 0.5 (a few steps of a smoke test) only warn: that UNet has not decided anything yet."""
-    cells = torch.cat([p > threshold for p in probs]).flatten(1)   # (N, S*S)
-    mixed = cells.any(1) & ~cells.all(1)
-    if mixed.any():
-        return
-    what = "empty" if not cells.any() else "all cell" if cells.all() else "empty or all cell"
-    message = f"{out}: every image's mask is {what}: the UNet learned nothing"
-    decided = max((p - 0.5).abs().max().item() for p in probs)
-    if decided < 0.1:
-        print(f"warning: {message} yet (every probability within 0.1 of 0.5); train longer before using its masks")
-        return
-    raise DataError(f"{message}, no masks written; train again with a lower --lr or more --epochs")
+    """DataError if every image's mask is empty (Dice 0): a UNet that learned nothing (an --lr too high: finite loss,
+    exploded weights) must not hand the classifier empty masks. Every mask all cell (also what a few steps of a smoke
+    test or a 1-epoch sweep draw) only warns: the classifier refuses such masks where it needs them."""
+    cells = torch.cat([p > threshold for p in probs])   # (N, 1, S, S)
+    if not cells.any():
+        raise DataError(f"{out}: every image's mask is empty: the UNet learned nothing, no masks written; train "
+                        f"again with a lower --lr or more --epochs")
+    if cells.all():
+        print(f"warning: {out}: every image's mask is all cell: the UNet learned nothing yet; train longer before "
+              f"using its masks")
 
 def train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, args):
     """One pass over uint8 images (N, 3, S, S), masks (N, 1, S, S) (one batch with --dry-run), this process on its
