@@ -55,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count()), help="DataLoader processes of (c) (0: none)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="autocast, as in the "
-                   "trainers; auto: bf16 on GPUs of compute capability 8.0+ and CPUs with bf16 instructions, fp16 on "
-                   "older GPUs, else off")
+                   "trainers; auto: bf16 on GPUs of compute capability 8.0+ and CPUs with bf16 "
+                   "instructions, fp16 on older GPUs, else off")
     p.add_argument("--peak-seconds", type=float, default=3.0, help="how long to time the matmul peak")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", help="also write bench.json and bench.txt (what is printed) into this folder")
@@ -78,8 +78,9 @@ def parse_args(argv=None):
 
 
 def pick_amp(device):
-    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else off (fp32)."""
-    if device.type == "cuda":   # not is_bf16_supported(): it says True on a T4, which emulates bf16 slowly
+    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else
+    off."""
+    if device.type == "cuda":   # not is_bf16_supported(): True on a T4, which emulates bf16 slowly
         native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
         return "bf16" if native_bf16 else "fp16"
     return "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"

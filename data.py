@@ -49,7 +49,8 @@ def list_images(folder):   # every image under `folder`, any depth, sorted; hidd
                   and not any(is_ignored(part) for part in p.relative_to(folder).parts))
 
 def image_keys(folder):
-    """{(class, stem)} of the <folder>/<Class>/<image> files the loader reads (not hidden, tool or non-image files)."""
+    """{(class, stem)} of the <folder>/<Class>/<image> files the loader reads (no hidden, tool or
+    non-image files): what the epochs rule counts."""
     found = (f for f in Path(folder).glob("*/*") if f.is_file() and is_image(f))
     return {(f.parent.name, f.stem) for f in found if not is_ignored(f.parent.name)}
 

@@ -43,15 +43,17 @@ def parse_args(argv=None):
     return args
 
 def pick_amp(device):
-    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else off (fp32)."""
-    if device.type == "cuda":   # not is_bf16_supported(): it says True on a T4, which emulates bf16 slowly
+    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else
+    off."""
+    if device.type == "cuda":   # not is_bf16_supported(): True on a T4, which emulates bf16 slowly
         native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
         return "bf16" if native_bf16 else "fp16"
     return "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
 
 def prepare(model, ckpt, args, what):
     """`model` with the checkpoint's weights on --device, the size, the scored folder (a dataset root means its
-    WBC_100/val/data, else a <Class>/<image> folder), the device's autocast; or SystemExit saying what is wrong."""
+    WBC_100/val/data, else a <Class>/<image> folder), the device's autocast; or SystemExit saying
+    what is wrong."""
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -64,7 +66,7 @@ def prepare(model, ckpt, args, what):
     data = Path(args.data or run["data"])
     folder = data / "WBC_100" / "val" / "data" if (data / "WBC_100" / "val" / "data").is_dir() else data
     amp = pick_amp(torch.device(args.device))   # this device's rule, whatever the run trained with
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16   # inference: fp16 needs no grad scaler
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16   # inference: fp16 needs no scaler
     autocast = torch.autocast(torch.device(args.device).type, dtype, enabled=amp != "off")
     return model.to(args.device, memory_format=torch.channels_last), args.size or run["size"], folder, autocast
 

@@ -50,8 +50,9 @@ def parse_args(argv=None):
 
 
 def pick_amp(device):
-    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else off (fp32)."""
-    if device.type == "cuda":   # not is_bf16_supported(): it says True on a T4, which emulates bf16 slowly
+    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else
+    off."""
+    if device.type == "cuda":   # not is_bf16_supported(): True on a T4, which emulates bf16 slowly
         native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
         return "bf16" if native_bf16 else "fp16"
     return "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
@@ -103,7 +104,7 @@ def main(argv=None):
     args = parse_args(argv)
     device, start = torch.device(args.device), time.perf_counter()
     amp = pick_amp(device)   # the trainers' rule for this device, whatever the runs trained with
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16   # inference: fp16 needs no grad scaler
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16   # inference: fp16 needs no scaler
     autocast = torch.autocast(device.type, dtype, enabled=amp != "off")
     models = {kind: load_model(path, kind) for kind, path in (("masker", args.masker), ("classifier", args.classifier))
               if path}
@@ -133,7 +134,8 @@ def main(argv=None):
         model.to(device, memory_format=torch.channels_last)
         if args.adapt_bn:
             adapt_batchnorm(model, images, None, args.batch_size, device)
-        prob = torch.sigmoid(infer(model, images, None, args.batch_size, device, autocast))   # (N, 1, S, S)
+        logits = infer(model, images, None, args.batch_size, device, autocast)   # (N, 1, S, S)
+        prob = torch.sigmoid(logits)
         cells = prob > ckpt["args"].get("threshold", 0.5)
         masks_by_size[size] = cells.to(torch.uint8)
         for i, (path, name) in enumerate(zip(paths, names)):
@@ -163,7 +165,8 @@ def main(argv=None):
         model.to(device, memory_format=torch.channels_last)
         if args.adapt_bn:
             adapt_batchnorm(model, images, masks, args.batch_size, device, channel, white)
-        probs = infer(model, images, masks, args.batch_size, device, autocast, channel, white).softmax(1)
+        logits = infer(model, images, masks, args.batch_size, device, autocast, channel, white)
+        probs = logits.softmax(1)
         rows = [{"path": n, "predicted": classes[int(p.argmax())], **{c: f"{float(v):.4f}" for c, v in zip(classes, p)}}
                 for n, p in zip(names, probs)]
         save_csv(rows, out / "predictions.csv")

@@ -72,8 +72,9 @@ def load_run(folder, device):
     return model.to(device, memory_format=torch.channels_last), ckpt, channel, val
 
 def pick_amp(device):
-    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else off (fp32)."""
-    if device.type == "cuda":   # not is_bf16_supported(): it says True on a T4, which emulates bf16 slowly
+    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else
+    off."""
+    if device.type == "cuda":   # not is_bf16_supported(): True on a T4, which emulates bf16 slowly
         native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
         return "bf16" if native_bf16 else "fp16"
     return "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
@@ -81,7 +82,7 @@ def pick_amp(device):
 def logit_maps(model, images, masks, channel, device):
     """(N, C, h, w) float on the CPU; autocast by the trainers' rule for `device`."""
     amp = pick_amp(device)
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16   # inference: fp16 needs no grad scaler
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16   # inference: fp16 needs no scaler
     autocast = torch.autocast(device.type, dtype, enabled=amp != "off")
     return infer(model, images, masks, 64, device, autocast, mask_channel=channel)
 

@@ -553,11 +553,11 @@ def test_bad_flags_refused_by_argparse(capsys, script, argv, message):
     assert message in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------- 8. issue 19: training and resume
+# ----------------------------------------------------------------- 8. issue 19: training and resume
 
 @pytest.fixture
 def untrained_masks(monkeypatch):
-    """A few epochs on 6 images learn nothing (every mask all cell): allowed where resuming is the subject."""
+    """A few epochs on 6 images learn nothing: allowed where resuming is the subject."""
     monkeypatch.setattr(train_masker, "check_learned", lambda *args: None)
 
 
@@ -601,7 +601,8 @@ def test_amp_auto_picks_bf16_only_where_native(monkeypatch, script):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability[torch.device(d).index or 0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda d=None: capability[torch.device(d).index or 0])
     assert script.pick_amp(torch.device("cuda:0")) == "fp16"
     assert script.pick_amp(torch.device("cuda:1")) == "bf16"
     for native, expected in ((True, "bf16"), (False, "off")):
@@ -610,7 +611,7 @@ def test_amp_auto_picks_bf16_only_where_native(monkeypatch, script):
 
 
 def test_evaluate_follows_the_device_not_the_checkpoint(classifier_runs, tmp_path, monkeypatch):
-    """A run trained under fp16, scored on a CPU without bf16: no autocast (fp16 on a CPU is slow)."""
+    """A run trained under fp16, scored on a CPU without bf16: no autocast (CPU fp16 is slow)."""
     _, full, _ = classifier_runs
     ckpt = torch.load(full / "checkpoint.pt", weights_only=True)
     ckpt["args"]["amp"] = "fp16"
@@ -627,6 +628,10 @@ class Planned(Exception):
     """Stands for the end of a test run once the planned epochs are printed."""
 
 
+def stop_at_training(*args, **kw):
+    raise Planned
+
+
 def add_non_images(folder):
     """Files the loader never reads: hidden, not an image, a hidden folder."""
     (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
@@ -639,7 +644,7 @@ def test_epochs_count_the_images_the_loader_reads(wbc, tmp_path, monkeypatch, ca
     root = shutil.copytree(wbc, tmp_path / "d")
     for kind in ("data", "mask"):
         add_non_images(root / "WBC_100" / "train" / kind / "A")
-    monkeypatch.setattr(script, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(Planned))
+    monkeypatch.setattr(script, "train_one_epoch", stop_at_training)
     with pytest.raises(Planned):
         script.main(run_argv(root, tmp_path / "out", "--epochs", "2"))
     out = capsys.readouterr().out
@@ -650,7 +655,7 @@ def test_holdout_keeps_the_split_100_epochs(wbc, tmp_path, monkeypatch, capsys):
     """WBC_100 without val masks, half the masks held out: WBC_100 still runs --epochs epochs."""
     root = shutil.copytree(wbc, tmp_path / "d")
     shutil.rmtree(root / "WBC_100" / "val" / "mask")
-    monkeypatch.setattr(train_masker, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(Planned))
+    monkeypatch.setattr(train_masker, "train_one_epoch", stop_at_training)
     with pytest.raises(Planned):
         train_masker.main(run_argv(root, tmp_path / "out", "--epochs", "2", "--holdout", "0.5"))
     assert "wbc on 3 masks for 2 epochs; 3 held out" in capsys.readouterr().out
@@ -659,15 +664,15 @@ def test_holdout_keeps_the_split_100_epochs(wbc, tmp_path, monkeypatch, capsys):
 def test_masker_that_learned_nothing_writes_no_masks(wbc, tmp_path):
     """--lr 100: the loss stays finite, every mask comes out empty (Dice 0): an error, not masks."""
     out = tmp_path / "out"
-    with pytest.raises(DataError, match=r"every image's mask is empty: the UNet learned nothing, no masks written"):
+    with pytest.raises(DataError, match=r"every image's mask is empty: the UNet learned nothing"):
         train_masker.main(run_argv(wbc, out, "--epochs", "1", "--batch-size", "6", "--lr", "100"))
     assert not (out / "masks").exists() and not (out / "metrics.json").exists()
     assert not torch.load(out / "checkpoint.pt", weights_only=True)["finished"]
 
 
 def test_masker_barely_trained_warns_and_writes_masks(wbc, tmp_path, capsys):
-    """One step: every probability near 0.5, every mask all cell. Not decided yet, so a warning (smoke tests and
-    sweeps of a few steps go on); the classifier then refuses such masks where it needs them."""
+    """One step: every mask all cell. A warning (smoke tests and sweeps of a few steps go on); the
+    classifier then refuses such masks where it needs them."""
     train_masker.main(run_argv(wbc, tmp_path / "out", "--epochs", "1", "--batch-size", "6"))
     assert "every image's mask is all cell: the UNet learned nothing yet" in capsys.readouterr().out
     assert len(list((tmp_path / "out" / "masks").glob("*/*/*.png"))) == 8
@@ -680,9 +685,11 @@ def test_classifier_refuses_all_empty_masks(wbc, tmp_path, flags):
     for image in (root / "WBC_100").glob("*/data/*/*.png"):
         split, cls = image.parts[-4], image.parts[-2]
         (tmp_path / "gen" / split / cls).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "gen" / split / cls / image.name)
+        empty = Image.fromarray(np.zeros((40, 40), np.uint8))
+        empty.save(tmp_path / "gen" / split / cls / image.name)
     with pytest.raises(DataError) as e:
-        train_classifier.main(run_argv(root, tmp_path / "out", "--masks", str(tmp_path / "gen"), *flags))
+        train_classifier.main(run_argv(root, tmp_path / "out", "--masks", str(tmp_path / "gen"),
+                                       *flags))
     assert str(tmp_path / "gen" / "train") in str(e.value) and "every mask is empty" in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -718,8 +725,9 @@ def test_sigterm_to_a_training_process(wbc, tmp_path):
     import signal
     import subprocess
     argv = run_argv(wbc, tmp_path / "out", "--epochs", "1000")
-    proc = subprocess.Popen([sys.executable, str(HERE / "train_classifier.py"), *argv], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, str(HERE / "train_classifier.py"), *argv]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     for line in proc.stdout:   # "train 6 images ...": the data is loaded, training starts
         if line.startswith("train "):
             break
@@ -753,9 +761,10 @@ def test_masker_killed_while_writing_masks_resumes(wbc, tmp_path, monkeypatch, u
 
 
 @pytest.mark.parametrize("epochs,steps,by_hand", [
-    (5, 7, [1.0] * 5 + [0.5] * 5 + [0.25] * 5 + [0.125] * 5 + [0.0625] * 5 + [0.03125] * 5 + [0.015625] * 5),
+    (5, 7, [f for f in (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625) for _ in range(5)]),
     (7, 1, [1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625]),
-    (14, 1, [1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625, 0.03125, 0.03125, 0.015625, 0.015625]),
+    (14, 1, [1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625, 0.03125, 0.03125,
+             0.015625, 0.015625]),
     (14, 2, [f for f in (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625) for _ in range(4)]),
 ])
 def test_classifier_lr_halves_at_each_seventh(epochs, steps, by_hand):
@@ -770,7 +779,7 @@ def test_classifier_lr_halves_at_each_seventh(epochs, steps, by_hand):
 
 
 def test_classifier_5_epochs_get_every_halving(wbc, tmp_path, monkeypatch):
-    """5 epochs of 3 steps (15 steps): the 7 lr levels, none skipped (per epoch: levels 3 and 6 were)."""
+    """5 epochs of 3 steps (15 steps): 7 lr levels, none skipped (per epoch, levels 3, 6 were)."""
     seen = []
     real = torch.optim.Adam.step
 
@@ -780,5 +789,6 @@ def test_classifier_5_epochs_get_every_halving(wbc, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
     train_classifier.main(run_argv(wbc, tmp_path / "out", "--epochs", "5", "--batch-size", "2"))
-    levels = [0.003 * 0.5 ** k for k in (0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6)]   # floor(7 s / 15)
+    halvings = (0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6)   # floor(7 * step / 15), step 0..14
+    levels = [0.003 * 0.5 ** k for k in halvings]
     assert seen == pytest.approx(levels)

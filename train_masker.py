@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from data import (SPLITS, DataError, batch_indices, claim_folder, image_keys, infer, load_checkpoint, load_set,
-                  make_batch, mask_root, save_checkpoint, save_csv, save_json, save_mask_png, wbc_dirs)
+from data import (SPLITS, DataError, batch_indices, claim_folder, image_keys, infer,
+                  load_checkpoint, load_set, make_batch, mask_root, save_checkpoint, save_csv,
+                  save_json, save_mask_png, wbc_dirs)
 from losses import MASKER_LOSSES, mask_counts, mask_metrics
 from resnet_cls import load_backbone, resnet34_state_dict
 from unet import UNet
@@ -55,8 +56,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation, init and --holdout (>= 0)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="autocast; auto: bf16 on "
-                   "GPUs of compute capability 8.0+ and CPUs with bf16 instructions, fp16 + grad scaler on older "
-                   "GPUs, else off")
+                   "GPUs of compute capability 8.0+ and CPUs with bf16 instructions, fp16 + grad "
+                   "scaler on older GPUs, else off")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
     g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
     g.add_argument("--out", help="output folder (default runs/masker_WBC_<split>)")
@@ -80,8 +81,9 @@ def parse_args(argv=None):
     return args
 
 def pick_amp(device):
-    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else off (fp32)."""
-    if device.type == "cuda":   # not is_bf16_supported(): it says True on a T4, which emulates bf16 slowly
+    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else
+    off."""
+    if device.type == "cuda":   # not is_bf16_supported(): True on a T4, which emulates bf16 slowly
         native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
         return "bf16" if native_bf16 else "fp16"
     return "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
@@ -90,16 +92,17 @@ def interrupt(signum, frame):   # SIGTERM (kill, a scheduler), SIGHUP (a closed 
     raise KeyboardInterrupt
 
 def check_learned(probs, threshold, out):
-    """DataError if every image's mask is empty (Dice 0): a UNet that learned nothing (an --lr too high: finite loss,
-    exploded weights) must not hand the classifier empty masks. Every mask all cell (also what a few steps of a smoke
-    test or a 1-epoch sweep draw) only warns: the classifier refuses such masks where it needs them."""
+    """DataError if every image's mask is empty (Dice 0): a UNet that learned nothing (an --lr too
+    high: finite loss, exploded weights) must not hand the classifier empty masks. Every mask all
+    cell (also what a few steps of a smoke test or a 1-epoch sweep draw) only warns: the classifier
+    refuses such masks where it needs them."""
     cells = torch.cat([p > threshold for p in probs])   # (N, 1, S, S)
     if not cells.any():
-        raise DataError(f"{out}: every image's mask is empty: the UNet learned nothing, no masks written; train "
-                        f"again with a lower --lr or more --epochs")
+        raise DataError(f"{out}: every image's mask is empty: the UNet learned nothing, no masks "
+                        f"written; train again with a lower --lr or more --epochs")
     if cells.all():
-        print(f"warning: {out}: every image's mask is all cell: the UNet learned nothing yet; train longer before "
-              f"using its masks")
+        print(f"warning: {out}: every image's mask is all cell: the UNet learned nothing yet; "
+              f"train longer before using its masks")
 
 def train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, args):
     """One pass over uint8 images (N, 3, S, S), masks (N, 1, S, S) (one batch with --dry-run), this process on its
@@ -153,13 +156,13 @@ def main(argv=None):
     train_all = load_set(dirs["train_data"], args.size, None, [dirs["train_mask"]], cache, args.skip_bad)
     val_all = load_set(dirs["val_data"], args.size, train_all.classes, [dirs["val_mask"]], cache, args.skip_bad)
     labelled, held_out = train_all.subset(train_all.has_mask), val_all.subset(val_all.has_mask)
-    wbc_100 = Path(args.data, "WBC_100", "train")   # the epochs rule's reference: WBC_100's pairs the loader reads
+    wbc_100 = Path(args.data, "WBC_100", "train")   # the epochs rule's reference: its loaded pairs
     n_full = len(image_keys(wbc_100 / "data") & image_keys(wbc_100 / "mask")) or len(labelled)
     if not held_out and args.holdout and len(labelled) > 1:   # no masks in WBC_100/val: a seeded share held out
         order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(args.seed))
         keep = order >= max(1, round(args.holdout * len(labelled)))
         held_out, labelled = labelled.subset(~keep), labelled.subset(keep)
-        n_full -= max(1, round(args.holdout * n_full))   # WBC_100 itself would hold out the same share
+        n_full -= max(1, round(args.holdout * n_full))   # WBC_100 would hold out this share too
     pre = [s.subset(s.has_mask) for s in (load_set(d, args.size, None, [m], cache, args.skip_bad) for d, m in sources)]
     for n, where in ((len(labelled), dirs["train_mask"]), *((len(s), src[1]) for s, src in zip(pre, sources))):
         if n < 2:   # BatchNorm cannot train on a batch of one
@@ -198,7 +201,7 @@ def main(argv=None):
         if resumed:
             for obj, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")):
                 obj.load_state_dict(resume[key])
-            if resume["scaler"] and scaler.is_enabled():   # --amp may change: fp16's loss scale goes on if both use it
+            if resume["scaler"] and scaler.is_enabled():   # --amp may change: fp16 scale if both
                 scaler.load_state_dict(resume["scaler"])
             torch.set_rng_state(resume["rng"]["torch"])   # last: the loop draws the same batches as an unbroken run
         # 4. loop; checkpoint.pt and log.csv every --save-every epochs and at the stage's end, from finite weights
@@ -230,7 +233,10 @@ def main(argv=None):
     metrics = scores | dict(split=args.split, loss=args.loss, pretrain_on=args.pretrain_on, n_masks=len(labelled),
                             epochs=epochs)
     parts = {"train": train_all, "val": val_all}
-    probs = {part: torch.sigmoid(infer(model, s.images, None, 64, device, autocast)) for part, s in parts.items()}
+    probs = {}
+    for part, image_set in parts.items():
+        logits = infer(model, image_set.images, None, 64, device, autocast)   # (N, 1, S, S)
+        probs[part] = torch.sigmoid(logits)
     if not args.dry_run:   # one batch never claims to have learned
         check_learned(probs.values(), args.threshold, args.out)
     shutil.rmtree(new := args.out / ".masks.new", ignore_errors=True)
@@ -242,7 +248,8 @@ def main(argv=None):
     shutil.rmtree(args.out / "masks", ignore_errors=True)   # a kill here leaves no masks, never a mix of two runs'
     os.replace(new, args.out / "masks")
     save_json(metrics, args.out / "metrics.json")
-    save_checkpoint(state | {"finished": True, "metrics": metrics}, ckpt_path)   # last: a kill before it can --resume
+    finished = state | {"finished": True, "metrics": metrics}
+    save_checkpoint(finished, ckpt_path)   # last: a run killed before this can --resume
     print(" | ".join(f"{k}: Dice {m['dice']:.3f}, pixel error {m['pixel_error']:.2%}" for k, m in scores.items()))
     print(f"wrote checkpoint.pt, log.csv, metrics.json, masks/ ({len(train_all) + len(val_all)} images) to {args.out}")
     return metrics
