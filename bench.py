@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count()), help="DataLoader processes of (c) (0: none)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="autocast, as in the "
-                   "trainers; auto: bf16 on CUDA (fp16 without bf16) and on CPUs with bf16 instructions, else off")
+                   "trainers; auto: bf16 on GPUs of compute capability 8.0+ and CPUs with bf16 "
+                   "instructions, fp16 on older GPUs, else off")
     p.add_argument("--peak-seconds", type=float, default=3.0, help="how long to time the matmul peak")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--out", help="also write bench.json and bench.txt (what is printed) into this folder")
@@ -68,8 +69,8 @@ def parse_args(argv=None):
     if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device != "cpu" and not torch.cuda.is_available()):
         p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")
     args.device = torch.device(args.device)   # --amp resolved once, by the trainers' rule: (a), (b), (c) alike
-    args.amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16") \
-        if args.device.type == "cuda" else "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
+    if args.amp == "auto":
+        args.amp = pick_amp(args.device)
     return args
 
 
@@ -100,6 +101,15 @@ def check_flags(p, args):
     for flag, folder in (("--json", args.json and Path(args.json).parent), ("--out", args.out)):
         if folder and Path(folder).is_dir() and not os.access(folder, os.W_OK):   # else: at the end
             p.error(f"{flag} {getattr(args, flag[2:])}: cannot write in {folder}")
+
+
+def pick_amp(device):
+    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else
+    off."""
+    if device.type == "cuda":   # not is_bf16_supported(): True on a T4, which emulates bf16 slowly
+        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+        return "bf16" if native_bf16 else "fp16"
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
 
 
 def timed(fn, device):

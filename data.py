@@ -49,6 +49,12 @@ def list_images(folder):   # every image under `folder`, any depth, sorted; hidd
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_image(p)
                   and not any(is_ignored(part) for part in p.relative_to(folder).parts))
 
+def image_keys(folder):
+    """{(class, stem)} of the <folder>/<Class>/<image> files the loader reads (no hidden, tool or
+    non-image files): what the epochs rule counts."""
+    found = (f for f in Path(folder).glob("*/*") if f.is_file() and is_image(f))
+    return {(f.parent.name, f.stem) for f in found if not is_ignored(f.parent.name)}
+
 def scan_folder(folder, classes=None):
     """(paths, labels, classes, ignored) of <folder>/<Class>/<image>; classes=None: its sub-folders, sorted."""
     folder = Path(folder)

@@ -43,9 +43,18 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")
     return args
 
+def pick_amp(device):
+    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else
+    off."""
+    if device.type == "cuda":   # not is_bf16_supported(): True on a T4, which emulates bf16 slowly
+        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+        return "bf16" if native_bf16 else "fp16"
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
+
 def prepare(model, ckpt, args, what):
     """`model` with the checkpoint's weights on --device, the size, the scored folder (a dataset root means its
-    WBC_100/val/data, else a <Class>/<image> folder), the run's precision; or SystemExit saying what is wrong."""
+    WBC_100/val/data, else a <Class>/<image> folder), the device's autocast; or SystemExit saying
+    what is wrong."""
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -57,8 +66,9 @@ def prepare(model, ckpt, args, what):
             raise SystemExit(f"{args.checkpoint}: the checkpoint's args lack {key!r} (not written by this repo?)")
     data = Path(args.data or run["data"])
     folder = data / "WBC_100" / "val" / "data" if (data / "WBC_100" / "val" / "data").is_dir() else data
-    autocast = torch.autocast(torch.device(args.device).type, torch.float16 if run.get("amp") == "fp16" else
-                              torch.bfloat16, enabled=run.get("amp") in ("bf16", "fp16"))   # as the run trained
+    amp = pick_amp(torch.device(args.device))   # this device's rule, whatever the run trained with
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16   # inference: fp16 needs no scaler
+    autocast = torch.autocast(torch.device(args.device).type, dtype, enabled=amp != "off")
     return model.to(args.device, memory_format=torch.channels_last), args.size or run["size"], folder, autocast
 
 def evaluate_classifier(ckpt, args):

@@ -91,10 +91,20 @@ def load_run(folder, device):
         raise DataError(f"{folder}: a mask-channel model, and {run['masks']}/val lacks masks of val images")
     return model.to(device, memory_format=torch.channels_last), ckpt, channel, val
 
+def pick_amp(device):
+    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else
+    off."""
+    if device.type == "cuda":   # not is_bf16_supported(): True on a T4, which emulates bf16 slowly
+        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+        return "bf16" if native_bf16 else "fp16"
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
+
 def logit_maps(model, images, masks, channel, device):
-    """(N, C, h, w) float on the CPU; bf16 autocast on CUDA only (a CPU may emulate bf16, slowly)."""
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-    return infer(model, images, masks, 64, device, amp, mask_channel=channel)
+    """(N, C, h, w) float on the CPU; autocast by the trainers' rule for `device`."""
+    amp = pick_amp(device)
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16   # inference: fp16 needs no scaler
+    autocast = torch.autocast(device.type, dtype, enabled=amp != "off")
+    return infer(model, images, masks, 64, device, autocast, mask_channel=channel)
 
 def balanced(images, chunk=64):
     """uint8 images as the classifier sees them under --white-balance (data.white_balance)."""

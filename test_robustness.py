@@ -388,7 +388,7 @@ def test_resume_refuses_other_settings_or_no_checkpoint(classifier_runs, tmp_pat
         train_classifier.main(argv(tmp_path, "--resume"))
 
 
-def test_masker_resume_is_bit_identical(tmp_path):
+def test_masker_resume_is_bit_identical(tmp_path, untrained_masks):
     """CAM16 pretraining then WBC fine-tuning, killed in the WBC stage: the resume skips CAM16."""
     root = tiny_wbc(tmp_path / "d", n_train=2)
     for i, cls in enumerate(("normal", "tumor")):
@@ -551,3 +551,244 @@ def test_bad_flags_refused_by_argparse(capsys, script, argv, message):
         script.parse_args(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- 8. issue 19: training and resume
+
+@pytest.fixture
+def untrained_masks(monkeypatch):
+    """A few epochs on 6 images learn nothing: allowed where resuming is the subject."""
+    monkeypatch.setattr(train_masker, "check_learned", lambda *args: None)
+
+
+def test_masker_resume_without_pretraining_goes_on(wbc, tmp_path, untrained_masks):
+    """The design card's own run (no --pretrain-on), killed after epoch 1 of 3 and resumed: the
+    same weights and log as an unbroken run, not an untrained UNet's masks."""
+    flags = ("--epochs", "3", "--batch-size", "6")
+    train_masker.main(run_argv(wbc, tmp_path / "full", *flags))
+    resumed = run_argv(wbc, tmp_path / "resumed", *flags)
+    run_killed(train_masker, resumed, at=("wbc", 1))
+    train_masker.main(resumed + ["--resume"])
+    a, b = weights(tmp_path / "full" / "checkpoint.pt"), weights(tmp_path / "resumed" / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(log_rows(tmp_path / "resumed" / "log.csv")) == 3
+    assert log_rows(tmp_path / "full" / "log.csv") == log_rows(tmp_path / "resumed" / "log.csv")
+
+
+@pytest.mark.parametrize("script", [train_classifier, train_masker])
+@pytest.mark.parametrize("before,after", [("off", "fp16"), ("fp16", "off")])
+def test_amp_may_change_on_resume(wbc, tmp_path, untrained_masks, script, before, after):
+    """A checkpoint without a grad scaler's state resumes under --amp fp16, and the reverse."""
+    argv = run_argv(wbc, tmp_path / "out", "--epochs", "2", "--batch-size", "6", "--amp", before)
+    run_killed(script, argv, at=("wbc" if script is train_masker else None, 1))
+    script.main(argv + ["--amp", after, "--resume"])
+    finished = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    assert finished["finished"] and finished["epoch"] == 2
+
+
+def amp_scripts():
+    import bench
+    import predict
+    import sweep_report
+    return [train_masker, train_classifier, evaluate, predict, bench, sweep_report]
+
+
+@pytest.mark.parametrize("script", amp_scripts(), ids=lambda m: m.__name__)
+def test_amp_auto_picks_bf16_only_where_native(monkeypatch, script):
+    """A T4 (7.5) says is_bf16_supported() (emulated): fp16 there; an A100 (8.0) gets bf16. The
+    capability asked is the named device's, not the current one's."""
+    capability = {0: (7, 5), 1: (8, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda d=None: capability[torch.device(d).index or 0])
+    assert script.pick_amp(torch.device("cuda:0")) == "fp16"
+    assert script.pick_amp(torch.device("cuda:1")) == "bf16"
+    for native, expected in ((True, "bf16"), (False, "off")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        assert script.pick_amp(torch.device("cpu")) == expected
+
+
+def test_evaluate_follows_the_device_not_the_checkpoint(classifier_runs, tmp_path, monkeypatch):
+    """A run trained under fp16, scored on a CPU without bf16: no autocast (CPU fp16 is slow)."""
+    _, full, _ = classifier_runs
+    ckpt = torch.load(full / "checkpoint.pt", weights_only=True)
+    ckpt["args"]["amp"] = "fp16"
+    torch.save(ckpt, tmp_path / "fp16.pt")
+    seen = []
+    real = evaluate.infer
+    monkeypatch.setattr(evaluate, "infer", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    evaluate.main([str(tmp_path / "fp16.pt"), "--device", "cpu"])
+    assert [autocast._enabled for autocast in seen] == [False]
+
+
+class Planned(Exception):
+    """Stands for the end of a test run once the planned epochs are printed."""
+
+
+def stop_at_training(*args, **kw):
+    raise Planned
+
+
+def add_non_images(folder):
+    """Files the loader never reads: hidden, not an image, a hidden folder."""
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / "notes.txt").write_text("counted by glob('*/*'), not by the loader")
+    (folder / "._train_A_0.png").write_bytes(b"macOS resource fork")
+
+
+@pytest.mark.parametrize("script", [train_classifier, train_masker])
+def test_epochs_count_the_images_the_loader_reads(wbc, tmp_path, monkeypatch, capsys, script):
+    root = shutil.copytree(wbc, tmp_path / "d")
+    for kind in ("data", "mask"):
+        add_non_images(root / "WBC_100" / "train" / kind / "A")
+    monkeypatch.setattr(script, "train_one_epoch", stop_at_training)
+    with pytest.raises(Planned):
+        script.main(run_argv(root, tmp_path / "out", "--epochs", "2"))
+    out = capsys.readouterr().out
+    assert ("| 2 epochs" if script is train_classifier else "for 2 epochs") in out, out
+
+
+def test_holdout_keeps_the_split_100_epochs(wbc, tmp_path, monkeypatch, capsys):
+    """WBC_100 without val masks, half the masks held out: WBC_100 still runs --epochs epochs."""
+    root = shutil.copytree(wbc, tmp_path / "d")
+    shutil.rmtree(root / "WBC_100" / "val" / "mask")
+    monkeypatch.setattr(train_masker, "train_one_epoch", stop_at_training)
+    with pytest.raises(Planned):
+        train_masker.main(run_argv(root, tmp_path / "out", "--epochs", "2", "--holdout", "0.5"))
+    assert "wbc on 3 masks for 2 epochs; 3 held out" in capsys.readouterr().out
+
+
+def test_masker_that_learned_nothing_writes_no_masks(wbc, tmp_path):
+    """--lr 100: the loss stays finite, every mask comes out empty (Dice 0): an error, not masks."""
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"every image's mask is empty: the UNet learned nothing"):
+        train_masker.main(run_argv(wbc, out, "--epochs", "1", "--batch-size", "6", "--lr", "100"))
+    assert not (out / "masks").exists() and not (out / "metrics.json").exists()
+    assert not torch.load(out / "checkpoint.pt", weights_only=True)["finished"]
+
+
+def test_masker_barely_trained_warns_and_writes_masks(wbc, tmp_path, capsys):
+    """One step: every mask all cell. A warning (smoke tests and sweeps of a few steps go on); the
+    classifier then refuses such masks where it needs them."""
+    train_masker.main(run_argv(wbc, tmp_path / "out", "--epochs", "1", "--batch-size", "6"))
+    assert "every image's mask is all cell: the UNet learned nothing yet" in capsys.readouterr().out
+    assert len(list((tmp_path / "out" / "masks").glob("*/*/*.png"))) == 8
+
+
+@pytest.mark.parametrize("flags", [["--alpha", "-1", "1"], ["--mask-mode", "channel"]])
+def test_classifier_refuses_all_empty_masks(wbc, tmp_path, flags):
+    root = shutil.copytree(wbc, tmp_path / "d")
+    shutil.rmtree(root / "WBC_100" / "train" / "mask")   # the generated masks are used
+    for image in (root / "WBC_100").glob("*/data/*/*.png"):
+        split, cls = image.parts[-4], image.parts[-2]
+        (tmp_path / "gen" / split / cls).mkdir(parents=True, exist_ok=True)
+        empty = Image.fromarray(np.zeros((40, 40), np.uint8))
+        empty.save(tmp_path / "gen" / split / cls / image.name)
+    with pytest.raises(DataError) as e:
+        train_classifier.main(run_argv(root, tmp_path / "out", "--masks", str(tmp_path / "gen"),
+                                       *flags))
+    assert str(tmp_path / "gen" / "train") in str(e.value) and "every mask is empty" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("script", ["train_classifier.py", "train_masker.py"])
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_signals_end_like_ctrl_c(wbc, tmp_path, monkeypatch, script, signum):
+    """The script as __main__ gets the signal while it loads data: the Ctrl-C line, no traceback
+    (runpy: in this process, so the test takes no start-up time; the handlers are put back)."""
+    import signal
+    kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    real = data.load_set
+
+    def load_then_signal(*a, **k):
+        os.kill(os.getpid(), getattr(signal, signum))
+        return real(*a, **k)
+
+    monkeypatch.setattr(data, "load_set", load_then_signal)
+    monkeypatch.setattr(sys, "argv", [script, *run_argv(wbc, tmp_path / "out")])
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(HERE / script), run_name="__main__")
+    finally:
+        for s, handler in kept.items():
+            signal.signal(s, handler)
+        while data.HELD:
+            data.HELD.pop().close()
+    assert str(e.value) == "interrupted: --resume continues from the last checkpoint"
+
+
+def test_sigterm_to_a_training_process(wbc, tmp_path):
+    """A real process, SIGTERM once it trains: exit 1, the one line on stderr, no traceback."""
+    import signal
+    import subprocess
+    argv = run_argv(wbc, tmp_path / "out", "--epochs", "1000")
+    command = [sys.executable, str(HERE / "train_classifier.py"), *argv]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:   # "train 6 images ...": the data is loaded, training starts
+        if line.startswith("train "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.strip() == "interrupted: --resume continues from the last checkpoint", err
+
+
+def test_masker_killed_while_writing_masks_resumes(wbc, tmp_path, monkeypatch, untrained_masks):
+    """Killed after training, while writing masks: the checkpoint is not finished, and --resume
+    writes the masks and metrics (no training)."""
+    argv = run_argv(wbc, tmp_path / "out", "--epochs", "1", "--batch-size", "6")
+    real = train_masker.save_mask_png
+
+    def die(*a, **k):
+        raise Killed
+
+    monkeypatch.setattr(train_masker, "save_mask_png", die)
+    with pytest.raises(Killed):
+        train_masker.main(argv)
+    while data.HELD:
+        data.HELD.pop().close()
+    assert not torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["finished"]
+    monkeypatch.setattr(train_masker, "save_mask_png", real)
+    metrics = train_masker.main(argv + ["--resume"])
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["finished"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
+    assert len(list((tmp_path / "out" / "masks").glob("*/*/*.png"))) == 8
+    assert len(log_rows(tmp_path / "out" / "log.csv")) == 1
+
+
+@pytest.mark.parametrize("epochs,steps,by_hand", [
+    (5, 7, [f for f in (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625) for _ in range(5)]),
+    (7, 1, [1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625]),
+    (14, 1, [1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625, 0.03125, 0.03125,
+             0.015625, 0.015625]),
+    (14, 2, [f for f in (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625) for _ in range(4)]),
+])
+def test_classifier_lr_halves_at_each_seventh(epochs, steps, by_hand):
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = train_classifier.halving_schedule(optimizer, epochs * steps)
+    seen = []
+    for _ in range(epochs * steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == by_hand
+
+
+def test_classifier_5_epochs_get_every_halving(wbc, tmp_path, monkeypatch):
+    """5 epochs of 3 steps (15 steps): 7 lr levels, none skipped (per epoch, levels 3, 6 were)."""
+    seen = []
+    real = torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    train_classifier.main(run_argv(wbc, tmp_path / "out", "--epochs", "5", "--batch-size", "2"))
+    halvings = (0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6)   # floor(7 * step / 15), step 0..14
+    levels = [0.003 * 0.5 ** k for k in halvings]
+    assert seen == pytest.approx(levels)

@@ -9,6 +9,7 @@ every --save-every epochs, for --resume), log.csv and metrics.json (scores on WB
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,8 +17,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data import (SPLITS, DataError, batch_indices, claim_folder, infer, load_checkpoint, load_set, make_batch,
-                  check_no_leakage, save_checkpoint, save_csv, save_json, wbc_dirs)
+from data import (SPLITS, DataError, batch_indices, check_no_leakage, claim_folder, image_keys,
+                  infer,
+                  load_checkpoint, load_set, make_batch, save_checkpoint, save_csv, save_json,
+                  wbc_dirs)
 from losses import check_alpha, class_weights, classification_metrics, confusion_matrix, mask_weighted_ce, weighted_ce
 from resnet_cls import build_classifier, resnet34_state_dict
 
@@ -48,10 +51,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=14, help="epochs on WBC_100 (smaller splits: same epochs x images)")
     g.add_argument("--batch-size", type=int, default=32, help="images per step, all processes together (>= 2 each)")
-    g.add_argument("--lr", type=float, default=3e-3, help="Adam lr, halved at each 7th of the run (6 halvings)")
+    g.add_argument("--lr", type=float, default=3e-3, help="Adam lr, halved at each 7th of the "
+                   "run's steps: x0.5 ** floor(7 * step / steps); any --epochs gets 6 halvings")
     g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="autocast; auto: bf16 where "
-                   "the CUDA GPU or CPU has it, fp16 + grad scaler on other GPUs, else off")
+    g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+                   help="autocast; auto: bf16 on GPUs of compute capability 8.0+ and CPUs with "
+                   "bf16 instructions, fp16 + grad scaler on older GPUs, else off")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
     g.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation and init (>= 0)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
@@ -84,7 +89,25 @@ def setting_name(args):
     name = f"{channel}alpha{args.alpha[0]:g}_{args.alpha[1]:g}" if args.alpha is not None else channel[:-1] or "nomask"
     return name + "_balance" * args.balance + "_white" * args.white_balance
 
-def train_one_epoch(forward, model, data, optimizer, scaler, autocast, class_w, channel, args):
+def pick_amp(device):
+    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else
+    off."""
+    if device.type == "cuda":   # not is_bf16_supported(): True on a T4, which emulates bf16 slowly
+        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+        return "bf16" if native_bf16 else "fp16"
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
+
+def interrupt(signum, frame):   # SIGTERM (kill, a scheduler), SIGHUP (a closed terminal): as Ctrl-C
+    raise KeyboardInterrupt
+
+def halving_schedule(optimizer, total_steps):
+    """The lr x0.5 ** floor(7 * step / total_steps), stepped after every optimizer step: halved at
+    each seventh of the run, 6 halvings for any epoch count (per epoch, 5 epochs would skip two)."""
+    factor = lambda step: 0.5 ** math.floor(7 * step / total_steps)   # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def train_one_epoch(forward, model, data, optimizer, scheduler, scaler, autocast, class_w, channel,
+                    args):
     """One pass over `data` (one batch with --dry-run), this process on its share of each batch. Returns mean loss,
     accuracy, share of samples with mask weights summing to 0, img/s, 1-based step of the first non-finite loss."""
     model.train()
@@ -107,6 +130,7 @@ def train_one_epoch(forward, model, data, optimizer, scaler, autocast, class_w, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()   # per step: the halvings fall at sevenths of the run, any epoch count
         totals += torch.stack([loss.detach() * len(y), (logit_map.detach().mean((2, 3)).argmax(1) == y).sum(), n_empty])
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
     dist.all_reduce(totals) if WORLD > 1 else None   # loss, correct, empty-weight samples: sums over every process
@@ -122,8 +146,9 @@ def main(argv=None):
         sys.stdout = sys.stdout if RANK == 0 else open(os.devnull, "w")
     device, channel, ckpt_path = torch.device(args.device), args.mask_mode == "channel", args.out / "checkpoint.pt"
     cuda, cache = device.type == "cuda", None if args.cache == "none" else args.cache
-    bf16 = torch.cuda.is_bf16_supported() if cuda else torch.cpu._is_avx512_bf16_supported()   # emulated bf16: slow
-    args.amp = amp = ("bf16" if bf16 else "fp16" if cuda else "off") if args.amp == "auto" else args.amp
+    if args.amp == "auto":
+        args.amp = pick_amp(device)
+    amp = args.amp
     autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")   # fp16 gradients underflow without it
     torch.backends.cudnn.benchmark = True   # fixed-size batches: cuDNN times its kernels once, keeps the fastest
@@ -145,11 +170,17 @@ def main(argv=None):
     val = load_set(dirs["val_data"], args.size, train.classes, [args.masks / "val"] if channel else [], cache,
                    args.skip_bad, need_masks=channel)
     check_no_leakage(val, train)   # a val image in training: one line naming both
-    n_full = sum(1 for _ in Path(args.data, "WBC_100", "train", "data").glob("*/*")) or len(train)
+    wbc_100 = Path(args.data, "WBC_100", "train", "data")   # the epochs rule's reference
+    n_full = len(image_keys(wbc_100)) or len(train)   # the images the loader reads
     epochs = 1 if args.dry_run else max(1, round(args.epochs * n_full / len(train)))   # same epochs x images
     counts = torch.bincount(train.labels, minlength=len(train.classes)).tolist()
     class_w = class_weights(counts).to(device) if args.balance else None
     print(f"train {len(train)} images {dict(zip(train.classes, counts))} | val {len(val)} | {epochs} epochs")
+    if need and (not train.masks.any() or train.masks.all()):   # a masker that learned nothing
+        what = "empty" if not train.masks.any() else "all cell"
+        raise DataError(f"{args.masks / 'train'} (after {dirs['train_mask']}): every mask is "
+                        f"{what}; draw them again with train_masker.py (did it learn?) or train "
+                        f"without --alpha and --mask-mode channel")
     if resume and (resume["fingerprint"] != train.fingerprint or resume.get("classes") != train.classes):
         sys.exit(f"--resume: {ckpt_path} was trained on other files (images or masks changed since); start afresh")
 
@@ -159,14 +190,23 @@ def main(argv=None):
     net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model   # same init on every rank
     forward = torch.compile(net) if args.compile else net
 
-    # 3. optimizer; StepLR with step epochs/7 unrounded: 7 equal segments, each at half the lr of the last
+    # 3. optimizer; LambdaLR stepped per step: 7 equal segments, each at half the lr of the last
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=cuda or None, foreach=not cuda or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 ** math.floor(7 * e / epochs))
+    batches = batch_indices(len(train), args.batch_size, shuffle=False, drop_last=True)   # no RNG
+    steps = len(batches)   # per epoch
+    if args.dry_run:
+        steps = 1
+    scheduler = halving_schedule(optimizer, epochs * steps)
     first, log_rows, saved = 1, [], "no checkpoint had been saved yet"
     (args.out / "metrics.json").unlink(missing_ok=True) if RANK == 0 else None   # no old result beside this run's
+    if resume and resume["scheduler"]["last_epoch"] != resume["epoch"] * steps:   # older: per epoch
+        sys.exit(f"--resume: {ckpt_path} is of an older train_classifier.py (lr stepped per "
+                 f"epoch); start afresh")
     if resume:
-        for part, name in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
+        for part, name in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")):
             part.load_state_dict(resume[name])
+        if resume["scaler"] and scaler.is_enabled():   # --amp may change: fp16 scale if both
+            scaler.load_state_dict(resume["scaler"])
         torch.set_rng_state(resume["rng"]["torch"])   # last: the loop draws the same batches as an unbroken run
         first, log_rows, saved = resume["epoch"] + 1, resume["log_rows"], f"the last good checkpoint is {ckpt_path}"
 
@@ -174,9 +214,8 @@ def main(argv=None):
     every, start = args.save_every or max(1, epochs // 20), time.perf_counter()
     for epoch in range(first, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loss, acc, empty, speed, bad_step = train_one_epoch(forward, model, train, optimizer, scaler, autocast,
-                                                            class_w, channel, args)
-        scheduler.step()
+        loss, acc, empty, speed, bad_step = train_one_epoch(
+            forward, model, train, optimizer, scheduler, scaler, autocast, class_w, channel, args)
         logits = infer(model, val.images, val.masks, args.batch_size * 2, device, autocast, channel, args.white_balance)
         val_loss, preds = torch.nn.functional.cross_entropy(logits, val.labels).item(), logits.argmax(1)
         val_acc = (preds == val.labels).float().mean().item()
@@ -216,6 +255,9 @@ def main(argv=None):
     return metrics
 
 if __name__ == "__main__":
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:   # nohup's ignored SIGHUP stays ignored
+            signal.signal(signum, interrupt)
     try:
         main()
     except KeyboardInterrupt:

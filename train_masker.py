@@ -9,15 +9,17 @@ import argparse
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from data import (SPLITS, DataError, batch_indices, claim_folder, infer, load_checkpoint, load_set, make_batch,
-                  check_no_leakage, mask_root, save_checkpoint, save_csv, save_json, save_mask_png,
-                  wbc_dirs)
+from data import (SPLITS, DataError, batch_indices, check_no_leakage, claim_folder, image_keys,
+                  infer,
+                  load_checkpoint, load_set, make_batch, mask_root, save_checkpoint, save_csv,
+                  save_json, save_mask_png, wbc_dirs)
 from losses import MASKER_LOSSES, mask_counts, mask_metrics
 from resnet_cls import load_backbone, resnet34_state_dict
 from unet import UNet
@@ -55,7 +57,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation, init and --holdout (>= 0)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"), help="autocast; auto: bf16 on "
-                   "CUDA (fp16 + grad scaler without bf16) and on CPUs with bf16 instructions, else off")
+                   "GPUs of compute capability 8.0+ and CPUs with bf16 instructions, fp16 + grad "
+                   "scaler on older GPUs, else off")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
     g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
     g.add_argument("--out", help="output folder (default runs/masker_WBC_<split>)")
@@ -77,6 +80,30 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")
     args.out = Path(args.out or Path("runs/dry_run" if args.dry_run else "runs") / f"masker_WBC_{args.split}")
     return args
+
+def pick_amp(device):
+    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else
+    off."""
+    if device.type == "cuda":   # not is_bf16_supported(): True on a T4, which emulates bf16 slowly
+        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+        return "bf16" if native_bf16 else "fp16"
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
+
+def interrupt(signum, frame):   # SIGTERM (kill, a scheduler), SIGHUP (a closed terminal): as Ctrl-C
+    raise KeyboardInterrupt
+
+def check_learned(probs, threshold, out):
+    """DataError if every image's mask is empty (Dice 0): a UNet that learned nothing (an --lr too
+    high: finite loss, exploded weights) must not hand the classifier empty masks. Every mask all
+    cell (also what a few steps of a smoke test or a 1-epoch sweep draw) only warns: the classifier
+    refuses such masks where it needs them."""
+    cells = torch.cat([p > threshold for p in probs])   # (N, 1, S, S)
+    if not cells.any():
+        raise DataError(f"{out}: every image's mask is empty: the UNet learned nothing, no masks "
+                        f"written; train again with a lower --lr or more --epochs")
+    if cells.all():
+        print(f"warning: {out}: every image's mask is all cell: the UNet learned nothing yet; "
+              f"train longer before using its masks")
 
 def train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, args):
     """One pass over uint8 images (N, 3, S, S), masks (N, 1, S, S) (one batch with --dry-run), this process on its
@@ -116,8 +143,9 @@ def main(argv=None):
     device, ckpt_path, cuda = torch.device(args.device), args.out / "checkpoint.pt", args.device != "cpu"
     cache = None if args.cache == "none" else args.cache
     torch.manual_seed(args.seed)   # shuffling, augmentation and init draw from torch's CPU RNG alone
-    bf16 = torch.cuda.is_bf16_supported() if cuda else torch.cpu._is_avx512_bf16_supported()   # emulated bf16: slow
-    args.amp = amp = args.amp if args.amp != "auto" else "bf16" if bf16 else "fp16" if cuda else "off"
+    if args.amp == "auto":
+        args.amp = pick_amp(device)
+    amp = args.amp
     autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")   # fp16 gradients underflow without it
     print(f"device {device} x {WORLD} | amp {amp} | size {args.size} | loss {args.loss} | out {args.out}")
@@ -131,10 +159,13 @@ def main(argv=None):
     train_all = load_set(dirs["train_data"], args.size, None, [dirs["train_mask"]], cache, args.skip_bad)
     val_all = load_set(dirs["val_data"], args.size, train_all.classes, [dirs["val_mask"]], cache, args.skip_bad)
     labelled, held_out = train_all.subset(train_all.has_mask), val_all.subset(val_all.has_mask)
+    wbc_100 = Path(args.data, "WBC_100", "train")   # the epochs rule's reference: its loaded pairs
+    n_full = len(image_keys(wbc_100 / "data") & image_keys(wbc_100 / "mask")) or len(labelled)
     if not held_out and args.holdout and len(labelled) > 1:   # no masks in WBC_100/val: a seeded share held out
         order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(args.seed))
         keep = order >= max(1, round(args.holdout * len(labelled)))
         held_out, labelled = labelled.subset(~keep), labelled.subset(keep)
+        n_full -= max(1, round(args.holdout * n_full))   # WBC_100 would hold out this share too
     pre = [s.subset(s.has_mask) for s in (load_set(d, args.size, None, [m], cache, args.skip_bad) for d, m in sources)]
     check_no_leakage(val_all, train_all, *pre)   # a val image in training: one line naming both
     for n, where in ((len(labelled), dirs["train_mask"]), *((len(s), src[1]) for s, src in zip(pre, sources))):
@@ -143,7 +174,6 @@ def main(argv=None):
     args.fingerprint = " ".join([labelled.fingerprint] + [s.fingerprint for s in pre])
     if resume and resume["fingerprint"] != args.fingerprint:
         sys.exit(f"--resume: {ckpt_path} was trained on other files (images or masks changed since); start afresh")
-    n_full = sum(1 for _ in Path(args.data, "WBC_100", "train", "mask").glob("*/*")) or len(labelled)
     epochs = 1 if args.dry_run else max(1, round(args.epochs * n_full / len(labelled)))   # same epochs x images
 
     # 2. model: a UNet whose encoder is a torchvision resnet34 (ImageNet or a file, or random; resumed: its own)
@@ -159,7 +189,9 @@ def main(argv=None):
     cat = lambda sets: (torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]))   # noqa: E731
     stages = [("pretrain", *cat(pre), 1 if args.dry_run else args.pretrain_epochs)] if pre else []
     stages += [("wbc", *cat([labelled] * max(1, args.replay) + pre * (args.replay > 0)), epochs)]   # --replay: pre too
-    stages = stages[1:] if resume and resume["stage"] == "wbc" else stages   # a resumed run past pretraining
+    if resume:   # a resumed run goes on from the stage it was killed in
+        names = [name for name, *_ in stages]
+        stages = stages[names.index(resume["stage"]):]
     log_rows, state = resume["log_rows"] if resume else [], resume   # state: what a resumed, ended stage leaves
     saved = f"the last good checkpoint is {ckpt_path}" if resume else "no checkpoint had been saved yet"
     if RANK == 0:   # no old result stays beside this run's files, and no old masks pass for this run's if it is killed
@@ -171,8 +203,10 @@ def main(argv=None):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=stage_epochs)
         resumed = resume is not None and resume["stage"] == stage   # the killed stage goes on where it stopped
         if resumed:
-            for obj, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
+            for obj, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")):
                 obj.load_state_dict(resume[key])
+            if resume["scaler"] and scaler.is_enabled():   # --amp may change: fp16 scale if both
+                scaler.load_state_dict(resume["scaler"])
             torch.set_rng_state(resume["rng"]["torch"])   # last: the loop draws the same batches as an unbroken run
         # 4. loop; checkpoint.pt and log.csv every --save-every epochs and at the stage's end, from finite weights
         for epoch in range(resume["epoch"] + 1 if resumed else 1, stage_epochs + 1):
@@ -202,10 +236,16 @@ def main(argv=None):
               for name, s in (("train", labelled), ("held_out", held_out)) if s}
     metrics = scores | dict(split=args.split, loss=args.loss, pretrain_on=args.pretrain_on, n_masks=len(labelled),
                             epochs=epochs)
-    save_checkpoint(state | {"finished": True, "metrics": metrics}, ckpt_path)
+    parts = {"train": train_all, "val": val_all}
+    probs = {}
+    for part, image_set in parts.items():
+        logits = infer(model, image_set.images, None, 64, device, autocast)   # (N, 1, S, S)
+        probs[part] = torch.sigmoid(logits)
+    if not args.dry_run:   # one batch never claims to have learned
+        check_learned(probs.values(), args.threshold, args.out)
     shutil.rmtree(new := args.out / ".masks.new", ignore_errors=True)
-    for part, image_set in (("train", train_all), ("val", val_all)):
-        prob = torch.sigmoid(infer(model, image_set.images, None, 64, device, autocast))   # (N, 1, S, S)
+    for part, image_set in parts.items():
+        prob = probs[part]   # (N, 1, S, S)
         for i, (path, (w, h), y) in enumerate(zip(image_set.paths, image_set.sizes, image_set.labels)):
             full = torch.nn.functional.interpolate(prob[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)
             cell = full[0, 0] >= args.threshold   # the rule of evaluate.py and predict.py
@@ -213,11 +253,16 @@ def main(argv=None):
     shutil.rmtree(args.out / "masks", ignore_errors=True)   # a kill here leaves no masks, never a mix of two runs'
     os.replace(new, args.out / "masks")
     save_json(metrics, args.out / "metrics.json")
+    finished = state | {"finished": True, "metrics": metrics}
+    save_checkpoint(finished, ckpt_path)   # last: a run killed before this can --resume
     print(" | ".join(f"{k}: Dice {m['dice']:.3f}, pixel error {m['pixel_error']:.2%}" for k, m in scores.items()))
     print(f"wrote checkpoint.pt, log.csv, metrics.json, masks/ ({len(train_all) + len(val_all)} images) to {args.out}")
     return metrics
 
 if __name__ == "__main__":
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:   # nohup's ignored SIGHUP stays ignored
+            signal.signal(signum, interrupt)
     try:
         main()
     except (DataError, KeyboardInterrupt) as e:   # one line, not a traceback; Ctrl-C: --resume goes on
