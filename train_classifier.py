@@ -7,6 +7,7 @@
 Masks: ground truth where there is one, else train_masker.py's (--masks). Writes to --out: checkpoint.pt (also
 every --save-every epochs, for --resume), log.csv and metrics.json (scores on WBC_100/val)."""
 import argparse
+import atexit
 import math
 import os
 import sys
@@ -98,26 +99,71 @@ def train_one_epoch(forward, model, data, optimizer, scaler, autocast, class_w, 
         y = data.labels[idx[mine]].to(args.device, non_blocking=True)
         with autocast:
             logit_map = forward(x, pooled=False).float()                  # (B, C, h, w)
-        loss, n_empty = mask_weighted_ce(logit_map, y, m, args.alpha, class_w) if args.alpha else \
-            (weighted_ce(logit_map.mean((2, 3)), y, class_w), y.new_zeros(()))   # pooled (B, C): what inference sees
+        all_sum = sum_over_processes if WORLD > 1 else None   # the denominators are the whole batch's
+        if args.alpha:   # loss: this process's share of the whole batch's loss (all of it in one process)
+            loss, n_empty = mask_weighted_ce(logit_map, y, m, args.alpha, class_w, all_sum)
+        else:   # pooled (B, C): what inference sees
+            loss, n_empty = weighted_ce(logit_map.mean((2, 3)), y, class_w, all_sum), y.new_zeros(())
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()          # the scaler is a no-op unless --amp fp16; DDP averages the gradients
+        scaler.scale(loss * WORLD).backward()   # DDP averages the WORLD processes' gradients: that of the sum of shares
         if args.clip_grad:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         scaler.step(optimizer)
         scaler.update()
-        totals += torch.stack([loss.detach() * len(y), (logit_map.detach().mean((2, 3)).argmax(1) == y).sum(), n_empty])
+        correct = (logit_map.detach().mean((2, 3)).argmax(1) == y).sum()
+        totals += torch.stack([loss.detach() * len(idx), correct, n_empty])   # the shares sum to the batch's loss
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
-    dist.all_reduce(totals) if WORLD > 1 else None   # loss, correct, empty-weight samples: sums over every process
+    if WORLD > 1:   # loss, correct, empty-weight samples: sums over every process; any process's bad step stops all
+        dist.all_reduce(totals)
+        bad_step = first_over_processes(bad_step, len(batches))
     seen = sum(len(idx) for idx in batches)   # images (not only this process's)
     return (*(totals / seen).tolist(), seen / (time.perf_counter() - start), int(bad_step))
+
+def sum_over_processes(t):
+    """t summed over every torchrun process (an all-reduce; no host sync on NCCL)."""
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+def first_over_processes(bad_step, n_steps):
+    """The first step (1-based; 0: none) at which any process saw a non-finite loss: every process stops at it."""
+    bad_step = torch.where(bad_step > 0, bad_step, n_steps + 1)
+    dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+    return bad_step % (n_steps + 1)
+
+def stop_together(broken, device):
+    """Why this process stops (or None) -> why any process stops: one alone would leave the others waiting forever."""
+    flag = torch.tensor(float(broken is not None), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag and broken is None:
+        return "another process stopped (non-finite weights or scores there)"
+    return broken
+
+def check_rows(n, batch_size, where):
+    """Refuse a training set whose batches would give a process fewer than 2 rows (BatchNorm), or unequal shares."""
+    if n < 2 * WORLD:
+        raise DataError(f"{where}: {n} image(s); training needs 2 for each of {WORLD} process(es) (BatchNorm)")
+    if n < batch_size and n % WORLD:   # the whole set is the one batch: N processes need equal shares of it
+        raise DataError(f"{where}: {n} images fill less than one --batch-size {batch_size} and do not split evenly "
+                        f"over {WORLD} processes; use --batch-size {n - n % WORLD}")
+
+def data_parallel(model, device):
+    """(model, its DDP) over torchrun's processes. NCCL: BatchNorm synced over them (SyncBatchNorm: N processes
+    train as one); gloo has no SyncBatchNorm: each process's BatchNorm takes statistics over its own rows."""
+    if dist.get_backend() == "nccl":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [device.index] if device.type == "cuda" else None   # this process's one device
+    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 def main(argv=None):
     args = parse_args(argv)
     if WORLD > 1:   # torchrun: a process per device, each on its share of every batch; rank 0 alone prints and writes
-        dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
         args.device = "cpu" if args.device == "cpu" else f"cuda:{os.environ['LOCAL_RANK']}"
+        if args.device != "cpu":   # NCCL and every kernel on this process's own GPU, not on GPU 0
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
+        atexit.register(dist.destroy_process_group)   # at the end, and on every error's way out
         sys.stdout = sys.stdout if RANK == 0 else open(os.devnull, "w")
     device, channel, ckpt_path = torch.device(args.device), args.mask_mode == "channel", args.out / "checkpoint.pt"
     cuda, cache = device.type == "cuda", None if args.cache == "none" else args.cache
@@ -132,6 +178,9 @@ def main(argv=None):
     claim_folder(args.out) if RANK == 0 else None   # refuses a second live run on the same folder
     plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
     resume = load_checkpoint(ckpt_path, ("optimizer", "rng", "fingerprint"), plain, MAY_CHANGE) if args.resume else None
+    if resume and resume.get("world_size", WORLD) != WORLD:   # other BatchNorm batches: not the killed run's sequel
+        sys.exit(f"--resume: {ckpt_path} was trained by {resume['world_size']} process(es), this run has {WORLD} "
+                 f"process(es); resume with torchrun --nproc-per-node {resume['world_size']} or start afresh")
     start = None if resume else load_checkpoint(args.init)["model"] if args.init else \
         resnet34_state_dict(args.pretrained, args.weights)   # starting weights read before any decoding: fail fast
 
@@ -146,13 +195,16 @@ def main(argv=None):
     counts = torch.bincount(train.labels, minlength=len(train.classes)).tolist()
     class_w = class_weights(counts).to(device) if args.balance else None
     print(f"train {len(train)} images {dict(zip(train.classes, counts))} | val {len(val)} | {epochs} epochs")
+    check_rows(len(train), args.batch_size, dirs["train_data"])
     if resume and (resume["fingerprint"] != train.fingerprint or resume.get("classes") != train.classes):
         sys.exit(f"--resume: {ckpt_path} was trained on other files (images or masks changed since); start afresh")
 
     # 2. model: ImageNet, a local file, our classifier's or masker's resnet34 (--init), or random (resumed: its own)
     model = build_classifier(len(train.classes), 4 if channel else 3, start, args.init or args.weights or "ImageNet")
     model = model.to(device, memory_format=torch.channels_last)   # NHWC: faster convolutions on GPUs and CPUs
-    net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model   # same init on every rank
+    net = model
+    if WORLD > 1:   # same init on every rank
+        model, net = data_parallel(model, device)
     forward = torch.compile(net) if args.compile else net
 
     # 3. optimizer; StepLR with step epochs/7 unrounded: 7 equal segments, each at half the lr of the last
@@ -182,6 +234,8 @@ def main(argv=None):
                   f"the validation loss is {val_loss}" if not math.isfinite(val_loss) else
                   "every sample's mask weight (a1*m + a2) summed to 0: nothing to learn (empty masks?)" if empty == 1
                   else None)
+        if WORLD > 1:
+            broken = stop_together(broken, device)
         if broken:
             sys.exit(f"error: epoch {epoch}/{epochs} {broken}; stopped, {saved}. Try a lower --lr or --clip-grad")
         eta = (time.perf_counter() - start) / (epoch - first + 1) * (epochs - epoch)
@@ -192,7 +246,7 @@ def main(argv=None):
         state = dict(kind="classifier", model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epochs=epochs, args=plain,
                      finished=epoch == epochs, log_rows=log_rows, classes=train.classes, fingerprint=train.fingerprint,
-                     rng={"torch": torch.get_rng_state()})   # CUDA's RNG: never drawn from
+                     rng={"torch": torch.get_rng_state()}, world_size=WORLD)   # CUDA's RNG: never drawn from
         if epoch % every == 0 and epoch < epochs and RANK == 0:   # the last epoch's is saved with the report
             save_checkpoint(state, ckpt_path)
             save_csv(log_rows, args.out / "log.csv")

@@ -6,6 +6,7 @@
 Writes to --out: checkpoint.pt (also every --save-every epochs, for --resume), log.csv, metrics.json and
 masks/{train,val}/<Class>/<stem>.png (0/255, at each image's size) of WBC_<split>/train and WBC_100/val."""
 import argparse
+import atexit
 import math
 import os
 import shutil
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from data import (SPLITS, DataError, batch_indices, claim_folder, infer, load_checkpoint, load_set, make_batch,
                   mask_root, save_checkpoint, save_csv, save_json, save_mask_png, wbc_dirs)
@@ -100,15 +102,50 @@ def train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, 
         scaler.step(optimizer)
         scaler.update()
         totals += torch.stack([loss.detach(), ((logits.detach() > 0) != m.bool()).float().mean()]) * len(m)   # sums
-    torch.distributed.all_reduce(totals) if WORLD > 1 else None   # loss and pixel error: sums over every process
+    if WORLD > 1:   # loss and pixel error: sums over every process; any process's bad step stops all
+        dist.all_reduce(totals)
+        bad_step = first_over_processes(bad_step, len(batches))
     seen = sum(len(idx) for idx in batches)
     return (*(totals / seen).tolist(), seen / (time.perf_counter() - start), int(bad_step))
+
+def first_over_processes(bad_step, n_steps):
+    """The first step (1-based; 0: none) at which any process saw a non-finite loss: every process stops at it."""
+    bad_step = torch.where(bad_step > 0, bad_step, n_steps + 1)
+    dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+    return bad_step % (n_steps + 1)
+
+def stop_together(broken, device):
+    """Why this process stops (or None) -> why any process stops: one alone would leave the others waiting forever."""
+    flag = torch.tensor(float(broken is not None), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag and broken is None:
+        return "another process stopped (non-finite weights or scores there)"
+    return broken
+
+def check_rows(n, batch_size, where):
+    """Refuse a training set whose batches would give a process fewer than 2 rows (BatchNorm), or unequal shares."""
+    if n < 2 * WORLD:
+        raise DataError(f"{where}: {n} image(s); training needs 2 for each of {WORLD} process(es) (BatchNorm)")
+    if n < batch_size and n % WORLD:   # the whole set is the one batch: N processes need equal shares of it
+        raise DataError(f"{where}: {n} images fill less than one --batch-size {batch_size} and do not split evenly "
+                        f"over {WORLD} processes; use --batch-size {n - n % WORLD}")
+
+def data_parallel(model, device):
+    """(model, its DDP) over torchrun's processes. NCCL: BatchNorm synced over them (SyncBatchNorm: N processes
+    train as one); gloo has no SyncBatchNorm: each process's BatchNorm takes statistics over its own rows."""
+    if dist.get_backend() == "nccl":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [device.index] if device.type == "cuda" else None   # this process's one device
+    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 def main(argv=None):
     args = parse_args(argv)
     if WORLD > 1:   # torchrun: a process per device, each on its share of every batch; rank 0 alone prints and writes
-        torch.distributed.init_process_group("gloo" if args.device == "cpu" else "nccl")
         args.device = "cpu" if args.device == "cpu" else f"cuda:{os.environ['LOCAL_RANK']}"
+        if args.device != "cpu":   # NCCL and every kernel on this process's own GPU, not on GPU 0
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
+        atexit.register(dist.destroy_process_group)   # at the end, and on every error's way out
         sys.stdout = sys.stdout if RANK == 0 else open(os.devnull, "w")
     device, ckpt_path, cuda = torch.device(args.device), args.out / "checkpoint.pt", args.device != "cpu"
     cache = None if args.cache == "none" else args.cache
@@ -121,6 +158,9 @@ def main(argv=None):
     claim_folder(args.out) if RANK == 0 else None   # refuses a second live run on the same folder
     args.plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
     resume = load_checkpoint(ckpt_path, ("optimizer", "rng", "stage"), args.plain, MAY_CHANGE) if args.resume else None
+    if resume and resume.get("world_size", WORLD) != WORLD:   # other BatchNorm batches: not the killed run's sequel
+        sys.exit(f"--resume: {ckpt_path} was trained by {resume['world_size']} process(es), this run has {WORLD} "
+                 f"process(es); resume with torchrun --nproc-per-node {resume['world_size']} or start afresh")
     weights = resnet34_state_dict(args.pretrained, args.weights) if not resume else None   # before any decoding
 
     # 1. data: the masks of WBC_<split> (and of --pretrain-on), a held-out set, every image to draw a mask for
@@ -146,7 +186,9 @@ def main(argv=None):
     model = UNet()
     load_backbone(model.encoder, weights, args.weights or "ImageNet weights")   # weights None: random init
     model = model.to(device, memory_format=torch.channels_last)   # NHWC: faster convolutions on GPUs and CPUs
-    net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model   # same init on every rank
+    net = model
+    if WORLD > 1:   # same init on every rank
+        model, net = data_parallel(model, device)
     forward = torch.compile(net) if args.compile else net
     torch.backends.cudnn.benchmark = True   # fixed-size batches: cuDNN times its kernels once, keeps the fastest
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32-like accuracy, faster
@@ -155,6 +197,8 @@ def main(argv=None):
     cat = lambda sets: (torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]))   # noqa: E731
     stages = [("pretrain", *cat(pre), 1 if args.dry_run else args.pretrain_epochs)] if pre else []
     stages += [("wbc", *cat([labelled] * max(1, args.replay) + pre * (args.replay > 0)), epochs)]   # --replay: pre too
+    for stage, images, *_ in stages:
+        check_rows(len(images), args.batch_size, f"the {stage} stage's masks")
     stages = stages[1:] if resume and resume["stage"] == "wbc" else stages   # a resumed run past pretraining
     log_rows, state = resume["log_rows"] if resume else [], resume   # state: what a resumed, ended stage leaves
     saved = f"the last good checkpoint is {ckpt_path}" if resume else "no checkpoint had been saved yet"
@@ -175,13 +219,20 @@ def main(argv=None):
             lr = optimizer.param_groups[0]["lr"]
             loss, err, speed, bad = train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, args)
             scheduler.step()
-            if bad or not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
-                why = f"step {bad}: the loss is {loss}" if bad else "the weights are"
-                sys.exit(f"error: {stage} epoch {epoch}/{stage_epochs} {why} (not finite); stopped, {saved}")
+            broken = None
+            if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+                broken = "the weights are not finite"
+            if bad:
+                broken = f"step {bad}: the loss is {loss} (not finite)"
+            if WORLD > 1:
+                broken = stop_together(broken, device)
+            if broken:
+                sys.exit(f"error: {stage} epoch {epoch}/{stage_epochs} {broken}; stopped, {saved}")
             print(f"{stage} epoch {epoch}/{stage_epochs} | loss {loss:.4f} | pixel error {100 * err:.2f}% | "
                   f"lr {lr:.2e} | {speed:.0f} img/s", flush=True)
             log_rows.append(dict(stage=stage, epoch=epoch, loss=loss, pixel_error=err, lr=lr, img_s=speed))
-            state = dict(kind="masker", stage=stage, epoch=epoch, finished=False, args=args.plain, log_rows=log_rows,
+            state = dict(kind="masker", stage=stage, epoch=epoch, finished=False, args=args.plain, world_size=WORLD,
+                         log_rows=log_rows,
                          fingerprint=args.fingerprint, rng={"torch": torch.get_rng_state()}, model=model.state_dict(),
                          optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict())
             if (epoch % (args.save_every or max(1, stage_epochs // 20)) == 0 or epoch == stage_epochs) and RANK == 0:
