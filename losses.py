@@ -97,7 +97,7 @@ def weighted_ce(logits, labels, class_w=None, all_sum=None):
     """Cross-entropy of the pooled logits (B, C), each sample weighted by class_w[y] and normalised by the
     sum of those weights: the no-mask baseline. Not mask_weighted_ce at alpha (0, 1): that is the mean of
     the per-location CE, which equals this only for a 1x1 logit map (a mean of CEs is not the CE of the
-    mean logits). all_sum: as in mask_weighted_ce (this process's share of the whole batch's loss)."""
+    mean logits). all_sum: as in mask_weighted_ce (this process's share of the batch's loss)."""
     per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
     sample_w = torch.ones_like(per_sample) if class_w is None else class_w[labels].float()
     return share_of_mean(per_sample, sample_w, all_sum)

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,9 +50,12 @@ if os.environ.get("GHOST_BN"):   # statistics over each process's rows separatel
     norm = torch.nn.modules.batchnorm._BatchNorm.forward
     torch.nn.modules.batchnorm._BatchNorm.forward = lambda self, x: torch.cat(
         [norm(self, c) for c in x.chunk(int(os.environ["GHOST_BN"]))]) if self.training else norm(self, x)
-if os.environ.get("NAN_ON_RANK") == str(rank):   # this process alone sees a NaN loss (its gradients stay finite)
-    loss = trainer.mask_weighted_ce
-    trainer.mask_weighted_ce = lambda *a, **k: (lambda l, n: (l + float("nan"), n))(*loss(*a, **k))
+if os.environ.get("NAN_ON_RANK") == str(rank):   # a NaN loss here alone; the gradients stay finite
+    mask_weighted_ce = trainer.mask_weighted_ce
+    def nan_loss(*a, **k):
+        loss, n_empty = mask_weighted_ce(*a, **k)
+        return loss + float("nan"), n_empty
+    trainer.mask_weighted_ce = nan_loss
 if os.environ.get("DIE_AFTER_EPOCH") and rank == 0:   # a kill right after that epoch's checkpoint
     save = trainer.save_checkpoint
     def save_then_die(state, path):
@@ -73,31 +77,41 @@ finally:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """16 training images (11 of A, 5 of B: --balance weighs them apart), each with a mask, 3 of them all cell (their
-    --alpha -1 1 weights sum to 0), 4 val, and the wrapper."""
+    """16 training images (11 of A, 5 of B: --balance weighs them apart), each with a mask, 3
+    of them all cell (their --alpha -1 1 weights sum to 0), 4 val, and the wrapper."""
     root = tmp_path_factory.mktemp("parallel")
     tiny_wbc(root / "wbc", n_train=8, n_val=2)
     train = root / "wbc" / "WBC_100" / "train"
+    all_cell = Image.fromarray(np.full((40, 40), 255, np.uint8))
     for i in range(3):
         for kind in ("data", "mask"):
-            (train / kind / "B" / f"train_B_{i}.png").rename(train / kind / "A" / f"train_B_{i}.png")
-        Image.fromarray(np.full((40, 40), 255, np.uint8)).save(train / "mask" / "A" / f"train_A_{i}.png")
+            name = f"train_B_{i}.png"
+            (train / kind / "B" / name).rename(train / kind / "A" / name)
+        all_cell.save(train / "mask" / "A" / f"train_A_{i}.png")
     (root / "wrapper.py").write_text(WRAPPER)
     return root
+
+
+def trainer_argv(root, out, script, *extra):
+    """The flags of every run here: a tiny CPU run into `out`."""
+    epochs = "2" if script == "train_classifier" else "1"
+    argv = ["--data", str(root / "wbc"), "--split", "100", "--size", "64", "--batch-size", "8",
+            "--save-every", "1", "--epochs", epochs, "--device", "cpu", "--amp", "off",
+            "--cache", "none", "--out", str(out), *extra]
+    if script == "train_classifier":
+        argv += ["--alpha", "-1", "1", "--balance", "--masks", str(root / "wbc" / "gen")]
+    return argv
 
 
 def run(setup, name, script, *extra, procs=1, **env):
     """The wrapped trainer in `procs` processes (torchrun if more than one); (returncode, output, record folder)."""
     root, record = setup, setup / "records" / name
     shutil.rmtree(record, ignore_errors=True)
-    argv = ["--data", str(root / "wbc"), "--split", "100", "--size", "64", "--batch-size", "8", "--save-every", "1",
-            "--epochs", "2" if script == "train_classifier" else "1", "--device", "cpu", "--amp", "off", "--cache",
-            "none", "--out", str(root / "out" / name), *extra]
+    argv = trainer_argv(root, root / "out" / name, script, *extra)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs)] if procs > 1 else \
         [sys.executable]
     env = dict(os.environ, REPO=str(HERE), RECORD=str(record), OMP_NUM_THREADS="1", **env)
-    done = subprocess.run(launcher + [str(root / "wrapper.py"), script] + argv + (["--alpha", "-1", "1", "--balance",
-                          "--masks", str(root / "wbc" / "gen")] if script == "train_classifier" else []),
+    done = subprocess.run(launcher + [str(root / "wrapper.py"), script] + argv,
                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
     return done.returncode, done.stdout + done.stderr, record
 
@@ -148,14 +162,15 @@ def test_two_processes_split_each_batch_and_match_one_process(setup, ddp, script
     wrote = {Path(w.split()[-1]).name for w in rec0["writes"]}
     assert {"checkpoint.pt", "log.csv", "metrics.json"} <= wrote and (script == "train_classifier" or any(
         w.endswith(".png") for w in rec0["writes"]))
-    # the one-process loss: epoch 1's train loss equal to rounding (with --balance and zero-weight samples, it was
-    # 1% off before the loss's denominators were summed over the processes)
+    # the one-process loss: epoch 1's train loss equal to rounding (with --balance and zero-weight
+    # samples, it was 1% off before the loss's denominators were summed over the processes)
     column = "train_loss" if script == "train_classifier" else "loss"
-    first = [first_row(setup / "out" / f"{script}_{run_name}")[column] for run_name in ("ddp", "ghost")]
+    first = [first_row(setup / "out" / f"{script}_{kind}")[column] for kind in ("ddp", "ghost")]
     assert math.isclose(*first, rel_tol=1e-5)
-    # to rounding, two processes are one process with ghost BatchNorm batches of 4: under 1% of the weights differ by
-    # over 1e-3 (measured: 0.02% classifier, 0% masker; 26% of the classifier's before the denominators were summed).
-    # Tiny runs are chaotic: Adam turns rounding-sized gradients into lr-sized steps (3% differ by over 1e-4)
+    # to rounding, two processes are one process with ghost BatchNorm batches of 4: under 1% of
+    # the weights differ by over 1e-3 (measured: 0.02% classifier, 0% masker; 26% of the
+    # classifier's before the denominators were summed). Tiny runs are chaotic: Adam turns
+    # rounding-sized gradients into lr-sized steps (3% differ by over 1e-4)
     assert share_differing(w0, w_ghost, tol=1e-3) < 0.01
 
 
@@ -169,10 +184,15 @@ def test_one_process_with_batchnorm_over_the_whole_batch_differs(setup, ddp):
 def test_resume_under_torchrun_continues_bit_identically(setup, ddp):
     code, out, _ = run(setup, "resume", "train_classifier", procs=2, DIE_AFTER_EPOCH="1")
     assert code != 0 and not (setup / "out" / "resume" / "metrics.json").exists()
-    # one process would train other BatchNorm batches: refused in one line naming both counts, the checkpoint kept
-    code, out, _ = run(setup, "resume", "train_classifier", "--resume")
-    assert code == 1 and "Traceback" not in out and "2 process" in out.splitlines()[-1], out[-3000:]
-    assert "1 process" in out.splitlines()[-1]
+    # one process (this one, on a copy) would train other BatchNorm batches: refused in one line
+    # naming both counts
+    copy = setup / "out" / "resume_one_process"
+    copy.mkdir()
+    shutil.copy(setup / "out" / "resume" / "checkpoint.pt", copy)
+    with pytest.raises(SystemExit) as refused:
+        train_classifier.main(trainer_argv(setup, copy, "train_classifier", "--resume"))
+    assert re.fullmatch(r"--resume: \S+ was trained by 2 process\(es\), this run has "
+                        r"1 process\(es\); resume with torchrun --nproc-per-node 2", str(refused.value))
     code, out, resumed = run(setup, "resume", "train_classifier", "--resume", procs=2)
     assert code == 0 and "epoch 2/2" in out and "epoch 1/2" not in out, out[-3000:]
     (_, a), (_, b) = load(ddp["train_classifier"]), load(resumed)
@@ -180,18 +200,19 @@ def test_resume_under_torchrun_continues_bit_identically(setup, ddp):
 
 
 def test_a_nan_loss_on_one_process_stops_every_process(setup):
-    """Rank 1 alone sees a NaN loss (its gradients, and so every weight, stay finite): both stop after the epoch with
-    the one-line error, and rank 0 saves no checkpoint of the broken epoch."""
+    """Rank 1 alone sees a NaN loss (its gradients, and so every weight, stay finite): both stop
+    after the epoch with the one-line error, and rank 0 saves no checkpoint of that epoch."""
     code, out, _ = run(setup, "nan", "train_classifier", procs=2, NAN_ON_RANK="1")
     assert code != 0 and "error: epoch 1/2 step 1: the loss is nan" in out, out[-3000:]
-    assert 'wrapper.py", line' not in out   # no worker's traceback (torchrun adds its own summary)
+    assert 'wrapper.py", line' not in out   # no worker's traceback (torchrun adds its summary)
     assert not (setup / "out" / "nan" / "checkpoint.pt").exists()
 
 
 class Rows:
     """uint8 images that record which rows are read (copied to the device)."""
     def __init__(self, tensor):
-        self.tensor, self.read = tensor, []
+        self.tensor = tensor
+        self.read = []
 
     def __getitem__(self, idx):
         self.read.append(torch.as_tensor(idx).tolist())
@@ -199,27 +220,32 @@ class Rows:
 
 
 def test_each_process_copies_and_augments_only_its_rows(monkeypatch):
-    """Rows 4..7 of a batch of 8: the same pixels as one process's batch (the same random draws, and the RNG left in
-    the same state for the next batch), but only those 4 rows read and augmented."""
+    """Rows 4..7 of a batch of 8: the pixels of one process's batch (the same random draws, the
+    RNG left as it for the next batch), but only those 4 rows read and augmented."""
     images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
     masks = (torch.rand(10, 1, 32, 32) > 0.5).to(torch.uint8)
-    idx, aug = torch.tensor([9, 0, 3, 5, 2, 8, 1, 7]), dict(zoom=(0.7, 1.1), stain=0.5, blur=1.0)
+    idx = torch.tensor([9, 0, 3, 5, 2, 8, 1, 7])
+    aug = dict(zoom=(0.7, 1.1), stain=0.5, blur=1.0)
     torch.manual_seed(0)
     x_all, m_all = make_batch(images, masks, idx, "cpu", train=True, aug=aug, white=True)
     after_all = torch.get_rng_state()
-    rows, shapes = Rows(images), []
+    rows = Rows(images)
+    sizes = []
     sample = torch.nn.functional.grid_sample
-    monkeypatch.setattr(torch.nn.functional, "grid_sample", lambda x, *a, **k: shapes.append(len(x)) or sample(
-        x, *a, **k))
+
+    def recording_sample(x, *a, **k):
+        sizes.append(len(x))
+        return sample(x, *a, **k)
+    monkeypatch.setattr(torch.nn.functional, "grid_sample", recording_sample)
     torch.manual_seed(0)
     x, m = make_batch(rows, masks, idx, "cpu", train=True, aug=aug, white=True, part=slice(4, 8))
     assert torch.allclose(x, x_all[4:], atol=1e-6) and torch.equal(m, m_all[4:])
     assert torch.equal(torch.get_rng_state(), after_all)
-    assert rows.read == [[2, 8, 1, 7]] and shapes == [4, 4]   # images then masks: 4 rows each
+    assert rows.read == [[2, 8, 1, 7]] and sizes == [4, 4]   # images, then masks: 4 rows each
 
 
 def two_processes(loss_fn, *tensors):
-    """loss_fn(*rows, all_sum) on each half of the batch as two processes would: (sum of the two losses, grads)."""
+    """The sum of loss_fn(*rows, all_sum) on each half of the batch, as two processes give it."""
     halves = [[t[:4] for t in tensors], [t[4:] for t in tensors]]
     denominators = []
     for rows in halves:   # what each process's all_sum contributes
@@ -229,17 +255,21 @@ def two_processes(loss_fn, *tensors):
 
 
 def test_loss_denominators_are_summed_over_processes():
-    """With --balance and samples whose mask weights sum to 0, two processes' losses (each this process's numerator
-    over the denominator all-reduced over both) add up to one process's loss, and so do their gradients: DDP's
-    average of the gradients of WORLD * loss is one process's gradient."""
+    """With --balance and samples whose mask weights sum to 0, two processes' losses (each its
+    numerator over the denominator summed over both) add up to one process's loss, and so do
+    their gradients: DDP's average of the gradients of WORLD * loss is one process's."""
     torch.manual_seed(0)
     logit_map = torch.randn(8, 2, 2, 2, requires_grad=True)
     labels = torch.tensor([0, 0, 0, 1, 0, 1, 1, 1])   # rank 0: three of A; rank 1: three of B
     mask = torch.zeros(8, 1, 8, 8)
     mask[:3] = 1   # under --alpha -1 1 these weigh 0: rank 0 keeps one sample
     class_w = class_weights([5, 2])
-    with_mask = lambda L, y, m, all_sum: mask_weighted_ce(L, y, m, (-1, 1), class_w, all_sum=all_sum)[0]  # noqa: E731
-    pooled = lambda L, y, m, all_sum: weighted_ce(L.mean((2, 3)), y, class_w, all_sum=all_sum)      # noqa: E731
+
+    def with_mask(logit_map, labels, mask, all_sum):
+        return mask_weighted_ce(logit_map, labels, mask, (-1, 1), class_w, all_sum=all_sum)[0]
+
+    def pooled(logit_map, labels, mask, all_sum):
+        return weighted_ce(logit_map.mean((2, 3)), labels, class_w, all_sum=all_sum)
     for loss_fn in (with_mask, pooled):
         whole = loss_fn(logit_map, labels, mask, None)
         grad_whole, = torch.autograd.grad(whole, logit_map)
@@ -249,11 +279,13 @@ def test_loss_denominators_are_summed_over_processes():
 
 
 @pytest.mark.parametrize("trainer", [train_classifier, train_masker])
-def test_nccl_syncs_batchnorm_and_pins_the_device_gloo_keeps_each_process_own(monkeypatch, trainer):
-    """NCCL (one GPU a process): every BatchNorm becomes a SyncBatchNorm and DDP gets device_ids=[that GPU]; gloo
-    (CPU; it has no SyncBatchNorm): BatchNorm stays each process's own. DDP stubbed: no process group needed."""
-    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids: (model, device_ids))
-    for backend, device, synced, ids in (("gloo", "cpu", False, None), ("nccl", "cuda:1", True, [1])):
+def test_nccl_syncs_batchnorm_and_pins_the_gpu_gloo_keeps_batchnorm(monkeypatch, trainer):
+    """NCCL (a GPU a process): every BatchNorm becomes a SyncBatchNorm, DDP gets device_ids=[that
+    GPU]; gloo (CPU; no SyncBatchNorm): BatchNorm stays each process's own. DDP is stubbed."""
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids: (
+        model, device_ids))
+    cases = (("gloo", "cpu", False, None), ("nccl", "cuda:1", True, [1]))
+    for backend, device, synced, ids in cases:
         monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: backend)
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
         model, (wrapped, device_ids) = trainer.data_parallel(model, torch.device(device))
@@ -262,12 +294,14 @@ def test_nccl_syncs_batchnorm_and_pins_the_device_gloo_keeps_each_process_own(mo
 
 
 @pytest.mark.parametrize("trainer", [train_classifier, train_masker])
-def test_a_set_that_gives_a_process_fewer_than_2_rows_or_unequal_rows_is_refused(monkeypatch, trainer):
-    """Under 3 processes, a set smaller than one batch trains as that one batch: it must split evenly, 2+ rows each."""
+def test_a_set_giving_a_process_under_2_or_unequal_rows_is_refused(monkeypatch, trainer):
+    """Under 3 processes: a set smaller than one batch is that one batch; it must split evenly,
+    with 2 rows or more each."""
     monkeypatch.setattr(trainer, "WORLD", 3)
-    trainer.check_rows(16, 12, "data")   # batches of 12 (4 rows each); the last 4 images wait for the next epoch
+    trainer.check_rows(16, 12, "data")   # batches of 12 (4 rows each); 4 images left for later
     trainer.check_rows(15, 18, "data")   # one batch of 15: 5 rows each
-    with pytest.raises(DataError, match="^data: 16 images .* --batch-size 18 .* 3 processes; use --batch-size 15$"):
+    with pytest.raises(DataError, match="^data: 16 images .* --batch-size 18 .* 3 processes; "
+                                        "use --batch-size 15$"):
         trainer.check_rows(16, 18, "data")
     with pytest.raises(DataError, match="^data: 5 image.* 2 for each of 3 process"):
         trainer.check_rows(5, 6, "data")

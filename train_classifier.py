@@ -99,22 +99,26 @@ def train_one_epoch(forward, model, data, optimizer, scaler, autocast, class_w, 
         y = data.labels[idx[mine]].to(args.device, non_blocking=True)
         with autocast:
             logit_map = forward(x, pooled=False).float()                  # (B, C, h, w)
-        all_sum = sum_over_processes if WORLD > 1 else None   # the denominators are the whole batch's
-        if args.alpha:   # loss: this process's share of the whole batch's loss (all of it in one process)
+        # loss: this process's share of the batch's loss, over the whole batch's denominator
+        all_sum = sum_over_processes if WORLD > 1 else None
+        if args.alpha:
             loss, n_empty = mask_weighted_ce(logit_map, y, m, args.alpha, class_w, all_sum)
         else:   # pooled (B, C): what inference sees
-            loss, n_empty = weighted_ce(logit_map.mean((2, 3)), y, class_w, all_sum), y.new_zeros(())
+            pooled = logit_map.mean((2, 3))
+            loss, n_empty = weighted_ce(pooled, y, class_w, all_sum), y.new_zeros(())
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss * WORLD).backward()   # DDP averages the WORLD processes' gradients: that of the sum of shares
+        # DDP averages the processes' gradients: x WORLD, that is the gradient of the sum of shares
+        scaler.scale(loss * WORLD).backward()
         if args.clip_grad:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         scaler.step(optimizer)
         scaler.update()
         correct = (logit_map.detach().mean((2, 3)).argmax(1) == y).sum()
-        totals += torch.stack([loss.detach() * len(idx), correct, n_empty])   # the shares sum to the batch's loss
+        shares = loss.detach() * len(idx)   # summed over the processes: the batch's loss x its size
+        totals += torch.stack([shares, correct, n_empty])
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
-    if WORLD > 1:   # loss, correct, empty-weight samples: sums over every process; any process's bad step stops all
+    if WORLD > 1:   # sums over every process; any process's bad step stops them all
         dist.all_reduce(totals)
         bad_step = first_over_processes(bad_step, len(batches))
     seen = sum(len(idx) for idx in batches)   # images (not only this process's)
@@ -127,13 +131,17 @@ def sum_over_processes(t):
     return t
 
 def first_over_processes(bad_step, n_steps):
-    """The first step (1-based; 0: none) at which any process saw a non-finite loss: every process stops at it."""
+    """The first step (1-based; 0: none) at which any process saw a non-finite loss.
+
+    Every process gets the same answer, so all stop together."""
     bad_step = torch.where(bad_step > 0, bad_step, n_steps + 1)
     dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
     return bad_step % (n_steps + 1)
 
 def stop_together(broken, device):
-    """Why this process stops (or None) -> why any process stops: one alone would leave the others waiting forever."""
+    """Why this process stops (or None) -> why any process stops.
+
+    A process that stopped alone would leave the others waiting for it forever."""
     flag = torch.tensor(float(broken is not None), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag and broken is None:
@@ -141,19 +149,23 @@ def stop_together(broken, device):
     return broken
 
 def check_rows(n, batch_size, where):
-    """Refuse a training set whose batches would give a process fewer than 2 rows (BatchNorm), or unequal shares."""
+    """Refuse a set whose batches give a process under 2 rows (BatchNorm), or unequal ones."""
     if n < 2 * WORLD:
-        raise DataError(f"{where}: {n} image(s); training needs 2 for each of {WORLD} process(es) (BatchNorm)")
-    if n < batch_size and n % WORLD:   # the whole set is the one batch: N processes need equal shares of it
-        raise DataError(f"{where}: {n} images fill less than one --batch-size {batch_size} and do not split evenly "
-                        f"over {WORLD} processes; use --batch-size {n - n % WORLD}")
+        raise DataError(f"{where}: {n} image(s); training needs 2 for each of {WORLD} "
+                        f"process(es) (BatchNorm)")
+    if n < batch_size and n % WORLD:   # the whole set is the one batch: it must split evenly
+        raise DataError(f"{where}: {n} images fill less than one --batch-size {batch_size} and "
+                        f"do not split evenly over {WORLD} processes; use --batch-size "
+                        f"{n - n % WORLD}")
 
 def data_parallel(model, device):
-    """(model, its DDP) over torchrun's processes. NCCL: BatchNorm synced over them (SyncBatchNorm: N processes
-    train as one); gloo has no SyncBatchNorm: each process's BatchNorm takes statistics over its own rows."""
+    """(model, its DDP) over torchrun's processes.
+
+    NCCL: BatchNorm synced over them (SyncBatchNorm: N processes train as one). gloo has no
+    SyncBatchNorm: each process's BatchNorm takes its statistics over its own rows."""
     if dist.get_backend() == "nccl":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device_ids = [device.index] if device.type == "cuda" else None   # this process's one device
+    device_ids = [device.index] if device.type == "cuda" else None   # this process's one GPU
     return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 def main(argv=None):
@@ -178,9 +190,10 @@ def main(argv=None):
     claim_folder(args.out) if RANK == 0 else None   # refuses a second live run on the same folder
     plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
     resume = load_checkpoint(ckpt_path, ("optimizer", "rng", "fingerprint"), plain, MAY_CHANGE) if args.resume else None
-    if resume and resume.get("world_size", WORLD) != WORLD:   # other BatchNorm batches: not the killed run's sequel
-        sys.exit(f"--resume: {ckpt_path} was trained by {resume['world_size']} process(es), this run has {WORLD} "
-                 f"process(es); resume with torchrun --nproc-per-node {resume['world_size']} or start afresh")
+    then = resume.get("world_size", WORLD) if resume else WORLD   # old checkpoints: unknown
+    if then != WORLD:   # other BatchNorm batches: not the killed run's continuation
+        sys.exit(f"--resume: {ckpt_path} was trained by {then} process(es), this run has "
+                 f"{WORLD} process(es); resume with torchrun --nproc-per-node {then}")
     start = None if resume else load_checkpoint(args.init)["model"] if args.init else \
         resnet34_state_dict(args.pretrained, args.weights)   # starting weights read before any decoding: fail fast
 
@@ -246,7 +259,8 @@ def main(argv=None):
         state = dict(kind="classifier", model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epochs=epochs, args=plain,
                      finished=epoch == epochs, log_rows=log_rows, classes=train.classes, fingerprint=train.fingerprint,
-                     rng={"torch": torch.get_rng_state()}, world_size=WORLD)   # CUDA's RNG: never drawn from
+                     rng={"torch": torch.get_rng_state()},   # CUDA's RNG: never drawn from
+                     world_size=WORLD)
         if epoch % every == 0 and epoch < epochs and RANK == 0:   # the last epoch's is saved with the report
             save_checkpoint(state, ckpt_path)
             save_csv(log_rows, args.out / "log.csv")

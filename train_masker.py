@@ -102,20 +102,24 @@ def train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, 
         scaler.step(optimizer)
         scaler.update()
         totals += torch.stack([loss.detach(), ((logits.detach() > 0) != m.bool()).float().mean()]) * len(m)   # sums
-    if WORLD > 1:   # loss and pixel error: sums over every process; any process's bad step stops all
+    if WORLD > 1:   # sums over every process; any process's bad step stops them all
         dist.all_reduce(totals)
         bad_step = first_over_processes(bad_step, len(batches))
     seen = sum(len(idx) for idx in batches)
     return (*(totals / seen).tolist(), seen / (time.perf_counter() - start), int(bad_step))
 
 def first_over_processes(bad_step, n_steps):
-    """The first step (1-based; 0: none) at which any process saw a non-finite loss: every process stops at it."""
+    """The first step (1-based; 0: none) at which any process saw a non-finite loss.
+
+    Every process gets the same answer, so all stop together."""
     bad_step = torch.where(bad_step > 0, bad_step, n_steps + 1)
     dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
     return bad_step % (n_steps + 1)
 
 def stop_together(broken, device):
-    """Why this process stops (or None) -> why any process stops: one alone would leave the others waiting forever."""
+    """Why this process stops (or None) -> why any process stops.
+
+    A process that stopped alone would leave the others waiting for it forever."""
     flag = torch.tensor(float(broken is not None), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag and broken is None:
@@ -123,19 +127,23 @@ def stop_together(broken, device):
     return broken
 
 def check_rows(n, batch_size, where):
-    """Refuse a training set whose batches would give a process fewer than 2 rows (BatchNorm), or unequal shares."""
+    """Refuse a set whose batches give a process under 2 rows (BatchNorm), or unequal ones."""
     if n < 2 * WORLD:
-        raise DataError(f"{where}: {n} image(s); training needs 2 for each of {WORLD} process(es) (BatchNorm)")
-    if n < batch_size and n % WORLD:   # the whole set is the one batch: N processes need equal shares of it
-        raise DataError(f"{where}: {n} images fill less than one --batch-size {batch_size} and do not split evenly "
-                        f"over {WORLD} processes; use --batch-size {n - n % WORLD}")
+        raise DataError(f"{where}: {n} image(s); training needs 2 for each of {WORLD} "
+                        f"process(es) (BatchNorm)")
+    if n < batch_size and n % WORLD:   # the whole set is the one batch: it must split evenly
+        raise DataError(f"{where}: {n} images fill less than one --batch-size {batch_size} and "
+                        f"do not split evenly over {WORLD} processes; use --batch-size "
+                        f"{n - n % WORLD}")
 
 def data_parallel(model, device):
-    """(model, its DDP) over torchrun's processes. NCCL: BatchNorm synced over them (SyncBatchNorm: N processes
-    train as one); gloo has no SyncBatchNorm: each process's BatchNorm takes statistics over its own rows."""
+    """(model, its DDP) over torchrun's processes.
+
+    NCCL: BatchNorm synced over them (SyncBatchNorm: N processes train as one). gloo has no
+    SyncBatchNorm: each process's BatchNorm takes its statistics over its own rows."""
     if dist.get_backend() == "nccl":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device_ids = [device.index] if device.type == "cuda" else None   # this process's one device
+    device_ids = [device.index] if device.type == "cuda" else None   # this process's one GPU
     return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 def main(argv=None):
@@ -158,9 +166,10 @@ def main(argv=None):
     claim_folder(args.out) if RANK == 0 else None   # refuses a second live run on the same folder
     args.plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
     resume = load_checkpoint(ckpt_path, ("optimizer", "rng", "stage"), args.plain, MAY_CHANGE) if args.resume else None
-    if resume and resume.get("world_size", WORLD) != WORLD:   # other BatchNorm batches: not the killed run's sequel
-        sys.exit(f"--resume: {ckpt_path} was trained by {resume['world_size']} process(es), this run has {WORLD} "
-                 f"process(es); resume with torchrun --nproc-per-node {resume['world_size']} or start afresh")
+    then = resume.get("world_size", WORLD) if resume else WORLD   # old checkpoints: unknown
+    if then != WORLD:   # other BatchNorm batches: not the killed run's continuation
+        sys.exit(f"--resume: {ckpt_path} was trained by {then} process(es), this run has "
+                 f"{WORLD} process(es); resume with torchrun --nproc-per-node {then}")
     weights = resnet34_state_dict(args.pretrained, args.weights) if not resume else None   # before any decoding
 
     # 1. data: the masks of WBC_<split> (and of --pretrain-on), a held-out set, every image to draw a mask for
@@ -219,8 +228,9 @@ def main(argv=None):
             lr = optimizer.param_groups[0]["lr"]
             loss, err, speed, bad = train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, args)
             scheduler.step()
+            tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
             broken = None
-            if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+            if not all(t.isfinite().all() for t in tensors):
                 broken = "the weights are not finite"
             if bad:
                 broken = f"step {bad}: the loss is {loss} (not finite)"
@@ -231,8 +241,8 @@ def main(argv=None):
             print(f"{stage} epoch {epoch}/{stage_epochs} | loss {loss:.4f} | pixel error {100 * err:.2f}% | "
                   f"lr {lr:.2e} | {speed:.0f} img/s", flush=True)
             log_rows.append(dict(stage=stage, epoch=epoch, loss=loss, pixel_error=err, lr=lr, img_s=speed))
-            state = dict(kind="masker", stage=stage, epoch=epoch, finished=False, args=args.plain, world_size=WORLD,
-                         log_rows=log_rows,
+            state = dict(kind="masker", stage=stage, epoch=epoch, finished=False, args=args.plain,
+                         world_size=WORLD, log_rows=log_rows,
                          fingerprint=args.fingerprint, rng={"torch": torch.get_rng_state()}, model=model.state_dict(),
                          optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict())
             if (epoch % (args.save_every or max(1, stage_epochs // 20)) == 0 or epoch == stage_epochs) and RANK == 0:
