@@ -191,8 +191,9 @@ def test_resume_under_torchrun_continues_bit_identically(setup, ddp):
     shutil.copy(setup / "out" / "resume" / "checkpoint.pt", copy)
     with pytest.raises(SystemExit) as refused:
         train_classifier.main(trainer_argv(setup, copy, "train_classifier", "--resume"))
-    assert re.fullmatch(r"--resume: \S+ was trained by 2 process\(es\), this run has "
-                        r"1 process\(es\); resume with torchrun --nproc-per-node 2", str(refused.value))
+    expected = (r"--resume: \S+ was trained by 2 process\(es\), this run has 1 process\(es\); "
+                r"resume with torchrun --nproc-per-node 2")
+    assert re.fullmatch(expected, str(refused.value))
     code, out, resumed = run(setup, "resume", "train_classifier", "--resume", procs=2)
     assert code == 0 and "epoch 2/2" in out and "epoch 1/2" not in out, out[-3000:]
     (_, a), (_, b) = load(ddp["train_classifier"]), load(resumed)
