@@ -295,10 +295,14 @@ def test_nccl_syncs_batchnorm_and_pins_the_gpu_gloo_keeps_batchnorm(monkeypatch,
 
 
 @pytest.mark.parametrize("trainer", [train_classifier, train_masker])
-def test_a_set_giving_a_process_under_2_or_unequal_rows_is_refused(monkeypatch, trainer):
-    """Under 3 processes: a set smaller than one batch is that one batch; it must split evenly,
-    with 2 rows or more each."""
+def test_a_set_giving_a_process_under_2_or_unequal_rows_is_refused(monkeypatch, capsys, trainer):
+    """Under 3 processes: --batch-size must split evenly, and a set smaller than one batch (that
+    one batch) too, with 2 rows or more each."""
     monkeypatch.setattr(trainer, "WORLD", 3)
+    with pytest.raises(SystemExit) as refused:
+        trainer.parse_args(["--batch-size", "8", "--device", "cpu"])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert refused.value.code == 2 and "--batch-size 8: need a multiple of the 3 process(es)" in last
     trainer.check_rows(16, 12, "data")   # batches of 12 (4 rows each); 4 images left for later
     trainer.check_rows(15, 18, "data")   # one batch of 15: 5 rows each
     with pytest.raises(DataError, match="^data: 16 images .* --batch-size 18 .* 3 processes; "

@@ -63,6 +63,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.alpha is not None and check_alpha(*args.alpha):
         p.error(f"--alpha: {check_alpha(*args.alpha)}")
+    if args.batch_size < 2 * WORLD or args.batch_size % WORLD:   # equal shares, 2+ rows (BatchNorm)
+        p.error(f"--batch-size {args.batch_size}: need a multiple of the {WORLD} process(es), with 2 "
+                f"or more each (BatchNorm)")
     numbers = (0 < args.lr < math.inf, 0 <= args.clip_grad < math.inf, 0 <= args.stain <= 1, 0 <= args.blur < math.inf,
                0 < args.zoom[0] <= args.zoom[1] < math.inf, args.epochs >= 1, min(args.seed, args.save_every) >= 0,
                args.size >= 32, args.batch_size >= 2 * WORLD and args.batch_size % WORLD == 0)

@@ -64,6 +64,9 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue the killed run in --out, with the same flags")
     g.add_argument("--dry-run", action="store_true", help="one batch, one epoch a stage, outputs under runs/dry_run")
     args = p.parse_args(argv)
+    if args.batch_size < 2 * WORLD or args.batch_size % WORLD:   # equal shares, 2+ rows (BatchNorm)
+        p.error(f"--batch-size {args.batch_size}: need a multiple of the {WORLD} process(es), with 2 "
+                f"or more each (BatchNorm)")
     numbers = (args.size >= 32 and args.size % 32 == 0, args.lr > 0, args.clip_grad >= 0, 0 <= args.threshold <= 1,
                0 <= args.holdout < 1, 0 <= args.stain <= 1, args.blur >= 0, 0 < args.zoom[0] <= args.zoom[1],
                min(args.epochs, args.pretrain_epochs, args.seed + 1, args.save_every + 1) >= 1, args.replay >= 0,
