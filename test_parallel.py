@@ -302,11 +302,13 @@ def test_a_set_giving_a_process_under_2_or_unequal_rows_is_refused(monkeypatch, 
     with pytest.raises(SystemExit) as refused:
         trainer.parse_args(["--batch-size", "8", "--device", "cpu"])
     last = capsys.readouterr().err.splitlines()[-1]
-    assert refused.value.code == 2 and "--batch-size 8: need a multiple of the 3 process(es)" in last
+    assert refused.value.code == 2
+    assert "--batch-size 8: need a multiple of the 3 process(es)" in last
     trainer.check_rows(16, 12, "data")   # batches of 12 (4 rows each); 4 images left for later
     trainer.check_rows(15, 18, "data")   # one batch of 15: 5 rows each
     with pytest.raises(DataError, match="^data: 16 images .* --batch-size 18 .* 3 processes; "
                                         "use --batch-size 15$"):
         trainer.check_rows(16, 18, "data")
-    with pytest.raises(DataError, match="^data: 5 image.* 2 for each of 3 process"):
+    with pytest.raises(DataError, match="^data: 5 image.* 3 process.* need 2 each .* "
+                                        "--nproc-per-node 2 or fewer$"):
         trainer.check_rows(5, 6, "data")

@@ -64,8 +64,8 @@ def parse_args(argv=None):
     if args.alpha is not None and check_alpha(*args.alpha):
         p.error(f"--alpha: {check_alpha(*args.alpha)}")
     if args.batch_size < 2 * WORLD or args.batch_size % WORLD:   # equal shares, 2+ rows (BatchNorm)
-        p.error(f"--batch-size {args.batch_size}: need a multiple of the {WORLD} process(es), with 2 "
-                f"or more each (BatchNorm)")
+        p.error(f"--batch-size {args.batch_size}: need a multiple of the {WORLD} process(es), "
+                f"with 2 or more each (BatchNorm)")
     numbers = (0 < args.lr < math.inf, 0 <= args.clip_grad < math.inf, 0 <= args.stain <= 1, 0 <= args.blur < math.inf,
                0 < args.zoom[0] <= args.zoom[1] < math.inf, args.epochs >= 1, min(args.seed, args.save_every) >= 0,
                args.size >= 32, args.batch_size >= 2 * WORLD and args.batch_size % WORLD == 0)
@@ -154,8 +154,9 @@ def stop_together(broken, device):
 def check_rows(n, batch_size, where):
     """Refuse a set whose batches give a process under 2 rows (BatchNorm), or unequal ones."""
     if n < 2 * WORLD:
-        raise DataError(f"{where}: {n} image(s); training needs 2 for each of {WORLD} "
-                        f"process(es) (BatchNorm)")
+        what = f"use torchrun --nproc-per-node {n // 2} or fewer" if n >= 2 else "add images"
+        raise DataError(f"{where}: {n} image(s), but {WORLD} process(es) need 2 each "
+                        f"(BatchNorm); {what}")
     if n < batch_size and n % WORLD:   # the whole set is the one batch: it must split evenly
         raise DataError(f"{where}: {n} images fill less than one --batch-size {batch_size} and "
                         f"do not split evenly over {WORLD} processes; use --batch-size "

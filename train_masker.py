@@ -65,8 +65,8 @@ def parse_args(argv=None):
     g.add_argument("--dry-run", action="store_true", help="one batch, one epoch a stage, outputs under runs/dry_run")
     args = p.parse_args(argv)
     if args.batch_size < 2 * WORLD or args.batch_size % WORLD:   # equal shares, 2+ rows (BatchNorm)
-        p.error(f"--batch-size {args.batch_size}: need a multiple of the {WORLD} process(es), with 2 "
-                f"or more each (BatchNorm)")
+        p.error(f"--batch-size {args.batch_size}: need a multiple of the {WORLD} process(es), "
+                f"with 2 or more each (BatchNorm)")
     numbers = (args.size >= 32 and args.size % 32 == 0, args.lr > 0, args.clip_grad >= 0, 0 <= args.threshold <= 1,
                0 <= args.holdout < 1, 0 <= args.stain <= 1, args.blur >= 0, 0 < args.zoom[0] <= args.zoom[1],
                min(args.epochs, args.pretrain_epochs, args.seed + 1, args.save_every + 1) >= 1, args.replay >= 0,
@@ -132,8 +132,9 @@ def stop_together(broken, device):
 def check_rows(n, batch_size, where):
     """Refuse a set whose batches give a process under 2 rows (BatchNorm), or unequal ones."""
     if n < 2 * WORLD:
-        raise DataError(f"{where}: {n} image(s); training needs 2 for each of {WORLD} "
-                        f"process(es) (BatchNorm)")
+        what = f"use torchrun --nproc-per-node {n // 2} or fewer" if n >= 2 else "add images"
+        raise DataError(f"{where}: {n} image(s), but {WORLD} process(es) need 2 each "
+                        f"(BatchNorm); {what}")
     if n < batch_size and n % WORLD:   # the whole set is the one batch: it must split evenly
         raise DataError(f"{where}: {n} images fill less than one --batch-size {batch_size} and "
                         f"do not split evenly over {WORLD} processes; use --batch-size "
@@ -209,8 +210,9 @@ def main(argv=None):
     cat = lambda sets: (torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]))   # noqa: E731
     stages = [("pretrain", *cat(pre), 1 if args.dry_run else args.pretrain_epochs)] if pre else []
     stages += [("wbc", *cat([labelled] * max(1, args.replay) + pre * (args.replay > 0)), epochs)]   # --replay: pre too
+    where = {"pretrain": f"--pretrain-on {' '.join(args.pretrain_on)}", "wbc": dirs["train_mask"]}
     for stage, images, *_ in stages:
-        check_rows(len(images), args.batch_size, f"the {stage} stage's masks")
+        check_rows(len(images), args.batch_size, where[stage])
     stages = stages[1:] if resume and resume["stage"] == "wbc" else stages   # a resumed run past pretraining
     log_rows, state = resume["log_rows"] if resume else [], resume   # state: what a resumed, ended stage leaves
     saved = f"the last good checkpoint is {ckpt_path}" if resume else "no checkpoint had been saved yet"
