@@ -312,3 +312,17 @@ def test_a_set_giving_a_process_under_2_or_unequal_rows_is_refused(monkeypatch, 
     with pytest.raises(DataError, match="^data: 5 image.* 3 process.* need 2 each .* "
                                         "--nproc-per-node 2 or fewer$"):
         trainer.check_rows(5, 6, "data")
+
+
+@pytest.mark.parametrize("trainer", [train_classifier, train_masker])
+def test_more_processes_than_gpus_is_refused(monkeypatch, tmp_path, trainer):
+    """torchrun --nproc-per-node 2 on a one-GPU machine: the second process has no GPU."""
+    monkeypatch.setattr(trainer, "WORLD", 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as refused:
+        trainer.main(["--device", "cuda", "--out", str(tmp_path / "out")])
+    assert str(refused.value) == ("torchrun: 2 processes on this machine, which has 1 GPU(s); "
+                                  "use --nproc-per-node 1 (or --device cpu)")

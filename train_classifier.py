@@ -176,6 +176,10 @@ def main(argv=None):
     args = parse_args(argv)
     if WORLD > 1:   # torchrun: a process per device, each on its share of every batch; rank 0 alone prints and writes
         args.device = "cpu" if args.device == "cpu" else f"cuda:{os.environ['LOCAL_RANK']}"
+        gpus = torch.cuda.device_count()
+        if args.device != "cpu" and int(os.environ["LOCAL_RANK"]) >= gpus:   # a GPU a process
+            sys.exit(f"torchrun: {os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine, "
+                     f"which has {gpus} GPU(s); use --nproc-per-node {gpus} (or --device cpu)")
         if args.device != "cpu":   # NCCL and every kernel on this process's own GPU, not on GPU 0
             torch.cuda.set_device(args.device)
         dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
