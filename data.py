@@ -264,14 +264,23 @@ def white_balance(x, share=0.1):
     bright = (luma >= luma.topk(max(1, round(share * luma.shape[1])), 1).values[:, -1:])[:, None]   # (B, 1, P)
     return (x / ((flat * bright).sum(2) / bright.sum(2)).clamp_min(0.05)[..., None, None]).clamp(0, 1)
 
-def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, part=slice(None), white=False):
-    """uint8 images (N, 3, S, S), masks (N, 1, S, S) or None -> rows `part` of batch `idx`: x (B, 3|4: mask_channel,
-    S, S), m (B, 1, S, S) or None; white_balance()d if `white`; augment(**aug)ed whole if `train` (as one process)."""
-    x = images[idx].to(device, non_blocking=True).float().div_(255)
-    x = white_balance(x) if white else x
-    m = None if masks is None else masks[idx].to(device, non_blocking=True).float()
-    x, m = augment(x, m, **(aug or {})) if train else (x, m)
-    x, m = x[part], None if m is None else m[part]
+def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, part=slice(None),
+               white=False):
+    """Rows `part` of batch `idx` of uint8 images (N, 3, S, S), masks (N, 1, S, S) or None.
+
+    Returns x (B, 3|4: mask_channel, S, S), m (B, 1, S, S) or None; white_balance()d if
+    `white`; augmented if `train`, with the whole batch's draws (as one process draws them),
+    but only rows `part` are copied to the device and augmented (data parallelism)."""
+    params = None
+    if train:   # every row's draws, so the RNG moves as one process's does
+        params = draw_augment(len(idx), **(aug or {}))
+    rows = idx[part]
+    x = images[rows].to(device, non_blocking=True).float().div_(255)
+    if white:
+        x = white_balance(x)
+    m = None if masks is None else masks[rows].to(device, non_blocking=True).float()
+    if train:
+        x, m = apply_augment(x, m, {name: value[part] for name, value in params.items()})
     x = (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     x = torch.cat([x, m], dim=1) if mask_channel else x
     return x.contiguous(memory_format=torch.channels_last), m
@@ -291,37 +300,66 @@ def augment(x, m=None, zoom=(0.75, 1.0), jitter=0.2, stain=0.0, blur=0.0):
     """x (B, 3, S, S) in [0, 1], m (B, 1, S, S) or None. Per sample: a crop of side `zoom` (> 1 zooms out), flips,
     brightness/contrast/saturation jitter; `stain`: hue turned up to stain*180 degrees, saturation x(1 +- stain), grey
     with probability stain/4; `blur`: Gaussian of sigma <= `blur` px. The mask follows (nearest: stays 0/1)."""
-    b = x.shape[0]
-    scale = torch.empty(b).uniform_(*zoom)   # torch's CPU RNG: the same draws on any device
-    shift = (torch.rand(b, 2) * 2 - 1) * (1 - scale).clamp_min(0)[:, None]   # a crop stays inside the image
+    return apply_augment(x, m, draw_augment(x.shape[0], zoom, jitter, stain, blur))
+
+def draw_augment(b, zoom=(0.75, 1.0), jitter=0.2, stain=0.0, blur=0.0):
+    """augment()'s random parameters for a batch of b, from torch's CPU RNG (the same draws on
+    any device): CPU tensors of one row per sample, so rows of a batch can be augmented apart."""
+    scale = torch.empty(b).uniform_(*zoom)
+    shift = (torch.rand(b, 2) * 2 - 1) * (1 - scale).clamp_min(0)[:, None]   # crops stay inside
     flip = torch.where(torch.rand(b, 2) < 0.5, -1.0, 1.0)                    # (x-flip, y-flip)
     theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = scale * flip[:, 0], scale * flip[:, 1], shift
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    theta[:, 0, 0] = scale * flip[:, 0]
+    theta[:, 1, 1] = scale * flip[:, 1]
+    theta[:, :, 2] = shift
+    params = {"theta": theta}
+    if jitter:   # (B, 3, 1, 1, 1): brightness, contrast, saturation
+        factors = 1 + (torch.rand(3, b, 1, 1, 1) * 2 - 1) * jitter
+        params["factors"] = factors.transpose(0, 1)
+    if stain:   # turn the chroma plane of YIQ (hue), scale it (saturation), or drop it (grey)
+        angle = (torch.rand(b) * 2 - 1) * stain * torch.pi
+        sat = 1 + (torch.rand(b) * 2 - 1) * stain
+        sat = torch.where(torch.rand(b) < stain / 4, 0.0, sat)
+        turn = torch.zeros(b, 3, 3)
+        turn[:, 0, 0] = 1
+        turn[:, 1, 1] = sat * angle.cos()
+        turn[:, 2, 2] = sat * angle.cos()
+        turn[:, 1, 2] = -sat * angle.sin()
+        turn[:, 2, 1] = sat * angle.sin()
+        params["turn"] = turn
+    if blur:   # each sample with its own sigma
+        radius = max(1, round(2 * blur))
+        sigma = (torch.rand(b) * blur).clamp_min(1e-3)
+        offsets = torch.arange(-radius, radius + 1.0)[None]
+        kernel = torch.exp(-offsets ** 2 / (2 * sigma[:, None] ** 2))
+        params["kernel"] = kernel / kernel.sum(1, keepdim=True)               # (B, K)
+    return params
+
+def apply_augment(x, m, params):
+    """augment() with draw_augment()'s `params` (their rows matching x's); x on any device."""
+    b = x.shape[0]
+    grid = F.affine_grid(params["theta"].to(x.device), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    m = None if m is None else F.grid_sample(m, grid, mode="nearest", padding_mode="reflection", align_corners=False)
-    if jitter:
-        factors = (1 + (torch.rand(3, b, 1, 1, 1) * 2 - 1) * jitter).to(x.device)  # brightness, contrast, saturation
+    if m is not None:   # nearest: the mask stays 0/1
+        m = F.grid_sample(m, grid, mode="nearest", padding_mode="reflection", align_corners=False)
+    if "factors" in params:
+        factors = params["factors"].to(x.device).transpose(0, 1)                # (3, B, 1, 1, 1)
         x = x * factors[0]
         mean = x.mean((1, 2, 3), keepdim=True)
         x = (x - mean) * factors[1] + mean
-        grey = LUMA[0] * x[:, 0:1] + LUMA[1] * x[:, 1:2] + LUMA[2] * x[:, 2:3]   # luma (B, 1, S, S)
+        grey = LUMA[0] * x[:, 0:1] + LUMA[1] * x[:, 1:2] + LUMA[2] * x[:, 2:3]   # (B, 1, S, S)
         x = ((x - grey) * factors[2] + grey).clamp(0, 1)
-    if stain:   # turn the chroma plane of YIQ (hue), scale it (saturation), or drop it (grey)
-        angle, sat = (torch.rand(b) * 2 - 1) * stain * torch.pi, 1 + (torch.rand(b) * 2 - 1) * stain
-        sat = torch.where(torch.rand(b) < stain / 4, 0.0, sat)
+    if "turn" in params:
         yiq = x.new_tensor([LUMA, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-        turn = torch.zeros(b, 3, 3)
-        turn[:, 0, 0], turn[:, 1, 1], turn[:, 2, 2] = 1, sat * angle.cos(), sat * angle.cos()
-        turn[:, 1, 2], turn[:, 2, 1] = -sat * angle.sin(), sat * angle.sin()
-        mix = torch.linalg.inv(yiq) @ turn.to(x.device) @ yiq                    # (B, 3, 3) RGB -> RGB
+        turn = params["turn"].to(x.device)
+        mix = torch.linalg.inv(yiq) @ turn @ yiq   # (B, 3, 3) RGB -> RGB
         x = torch.einsum("bij,bjhw->bihw", mix, x).clamp(0, 1)
-    if blur:   # one depthwise convolution along x, then one along y; each sample with its own sigma
-        radius, sigma = max(1, round(2 * blur)), (torch.rand(b) * blur).clamp_min(1e-3)
-        kernel = torch.exp(-torch.arange(-radius, radius + 1.0)[None] ** 2 / (2 * sigma[:, None] ** 2))
-        kernel = (kernel / kernel.sum(1, keepdim=True)).to(x.device).repeat_interleave(3, 0)   # (B*3, K)
+    if "kernel" in params:   # one depthwise convolution along x, then one along y
+        kernel = params["kernel"].to(x.device).repeat_interleave(3, 0)          # (B*3, K)
+        radius = kernel.shape[1] // 2
         x = F.pad(x.reshape(1, b * 3, *x.shape[-2:]), (radius,) * 4, mode="reflect")
-        x = F.conv2d(F.conv2d(x, kernel[:, None, None, :], groups=b * 3), kernel[:, None, :, None], groups=b * 3)
+        x = F.conv2d(x, kernel[:, None, None, :], groups=b * 3)
+        x = F.conv2d(x, kernel[:, None, :, None], groups=b * 3)
         x = x.reshape(b, 3, *x.shape[-2:])
     return x, m
 

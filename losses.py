@@ -50,13 +50,15 @@ def check_alpha(a1, a2):
     return None
 
 
-def mask_weighted_ce(logit_map, labels, mask, alpha, class_w=None):
+def mask_weighted_ce(logit_map, labels, mask, alpha, class_w=None, all_sum=None):
     """The report's (a1*mask + a2) weighted cross-entropy.
 
     logit_map (B, C, h, w); labels (B,) int; mask (B, 1, H, W) in [0, 1]; alpha (a1, a2);
     class_w (C,) or None. Returns (loss, n_empty): n_empty counts the samples whose weights
     sum to 0 (e.g. an empty mask under (1, 0)); they add nothing to the loss and are left
     out of its denominator. A tensor, so counting costs no host sync.
+    all_sum: data parallelism's sum over every process (an all-reduce); the loss is then
+    this process's share, its numerator over the denominator of the whole batch.
     """
     a1, a2 = alpha
     b, _, h, w = logit_map.shape
@@ -68,8 +70,17 @@ def mask_weighted_ce(logit_map, labels, mask, alpha, class_w=None):
     per_sample = (weight * ce).sum((1, 2)) / weight_sum.clamp_min(1e-12)
     sample_w = torch.ones_like(per_sample) if class_w is None else class_w[labels].float()
     sample_w = sample_w * (weight_sum > 0)
-    loss = (sample_w * per_sample).sum() / sample_w.sum().clamp_min(1e-12)
-    return loss, (weight_sum <= 0).sum()
+    return share_of_mean(per_sample, sample_w, all_sum), (weight_sum <= 0).sum()
+
+
+def share_of_mean(values, weights, all_sum=None):
+    """Σ weights·values / Σ weights, the denominator summed by all_sum over every process
+    (None: this batch alone). Summed over the processes, the shares give the whole batch's
+    weighted mean; a denominator of 0 gives 0."""
+    denominator = weights.sum().detach()                            # no gradient flows through it
+    if all_sum is not None:
+        denominator = all_sum(denominator)
+    return (weights * values).sum() / denominator.clamp_min(1e-12)
 
 
 # ---------------------------------------------------------------------------- baselines
@@ -82,12 +93,14 @@ def bce(logits, target):
 MASKER_LOSSES = {"bce": bce, "center": center_bce}
 
 
-def weighted_ce(logits, labels, class_w=None):
+def weighted_ce(logits, labels, class_w=None, all_sum=None):
     """Cross-entropy of the pooled logits (B, C), each sample weighted by class_w[y] and normalised by the
     sum of those weights: the no-mask baseline. Not mask_weighted_ce at alpha (0, 1): that is the mean of
     the per-location CE, which equals this only for a 1x1 logit map (a mean of CEs is not the CE of the
-    mean logits)."""
-    return F.cross_entropy(logits.float(), labels, weight=None if class_w is None else class_w.float())
+    mean logits). all_sum: as in mask_weighted_ce (this process's share of the batch's loss)."""
+    per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
+    sample_w = torch.ones_like(per_sample) if class_w is None else class_w[labels].float()
+    return share_of_mean(per_sample, sample_w, all_sum)
 
 
 def class_weights(counts):

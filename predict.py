@@ -61,6 +61,15 @@ def parse_args(argv=None):
     return args
 
 
+def pick_amp(device):
+    """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else
+    off."""
+    if device.type == "cuda":   # not is_bf16_supported(): True on a T4, which emulates bf16 slowly
+        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+        return "bf16" if native_bf16 else "fp16"
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
+
+
 def load_model(path, kind):
     """(model in eval mode, its checkpoint) of a finished run of train_<kind>.py."""
     ckpt = load_checkpoint(path)
@@ -160,7 +169,8 @@ def replace_outputs(out, stage, rows, scores):
         save_json(scores, out / "scores.json")
 
 
-def predict_masks(model, ckpt, paths, names, folder, decode, stage, adapt_bn, batch_size, device):
+def predict_masks(model, ckpt, paths, names, folder, decode, stage, adapt_bn, batch_size, device,
+                  autocast):
     """Masks and overlays of every image into `stage`. Returns (masks (N, 1, S, S) uint8, scores
     against a sibling mask/ folder or None)."""
     size = ckpt["args"]["size"]
@@ -169,7 +179,8 @@ def predict_masks(model, ckpt, paths, names, folder, decode, stage, adapt_bn, ba
     model.to(device, memory_format=torch.channels_last)
     if adapt_bn:
         adapt_batchnorm(model, images, None, batch_size, device)
-    prob = torch.sigmoid(infer(model, images, None, batch_size, device))   # (N, 1, S, S)
+    logits = infer(model, images, None, batch_size, device, autocast)   # (N, 1, S, S)
+    prob = torch.sigmoid(logits)
     cells = prob >= threshold   # one rule everywhere: probability >= threshold is cell
     for i, (path, name) in enumerate(zip(paths, names)):
         w, h = shapes[i]
@@ -194,7 +205,7 @@ def predict_masks(model, ckpt, paths, names, folder, decode, stage, adapt_bn, ba
     return cells.to(torch.uint8), scores
 
 
-def predict_classes(model, ckpt, names, decode, masks, adapt_bn, batch_size, device):
+def predict_classes(model, ckpt, names, decode, masks, adapt_bn, batch_size, device, autocast):
     """(CSV rows: path, predicted class, a probability per class; the scores of a <Class>/<image>
     folder of known classes, or None)."""
     classes = ckpt["classes"]
@@ -204,8 +215,8 @@ def predict_classes(model, ckpt, names, decode, masks, adapt_bn, batch_size, dev
     model.to(device, memory_format=torch.channels_last)
     if adapt_bn:
         adapt_batchnorm(model, images, masks, batch_size, device, channel, white)
-    probs = infer(model, images, masks, batch_size, device, mask_channel=channel, white=white)
-    probs = probs.softmax(1)
+    logits = infer(model, images, masks, batch_size, device, autocast, channel, white)
+    probs = logits.softmax(1)
     rows = []
     for name, p in zip(names, probs):
         each = {c: f"{float(v):.4f}" for c, v in zip(classes, p)}
@@ -237,6 +248,9 @@ def main(argv=None):
     args = parse_args(argv)
     sys.stdout.reconfigure(errors="backslashreplace")   # undecodable name bytes print as \udcff
     device, start = torch.device(args.device), time.perf_counter()
+    amp = pick_amp(device)   # the trainers' rule for this device, whatever the runs trained with
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16   # inference: fp16 needs no scaler
+    autocast = torch.autocast(device.type, dtype, enabled=amp != "off")
     models = {kind: load_model(path, kind) for kind, path in (("masker", args.masker),
               ("classifier", args.classifier)) if path}
     folder, out = Path(args.folder), Path(args.out)
@@ -264,7 +278,7 @@ def main(argv=None):
     if "masker" in models:   # 1. masks (the classifier may read them as a 4th channel)
         model, ckpt = models["masker"]
         masks, score = predict_masks(model, ckpt, paths, names, folder, decode, stage,
-                                     args.adapt_bn, args.batch_size, device)
+                                     args.adapt_bn, args.batch_size, device, autocast)
         masks_by_size[ckpt["args"]["size"]] = masks
         if score:
             scores["masker"] = score
@@ -274,7 +288,7 @@ def main(argv=None):
         if ckpt["args"].get("mask_mode") == "channel" and size not in masks_by_size:
             raise SystemExit(f"{args.classifier}: reads masks as a 4th channel: give --masker (of the same --size)")
         rows, score = predict_classes(model, ckpt, names, decode, masks_by_size.get(size),
-                                      args.adapt_bn, args.batch_size, device)
+                                      args.adapt_bn, args.batch_size, device, autocast)
         if score:
             scores["classifier"] = score
     replace_outputs(out, stage, rows, scores)   # 3. report

@@ -7,6 +7,7 @@
 Masks: ground truth where there is one, else train_masker.py's (--masks). Writes to --out: checkpoint.pt (also
 every --save-every epochs, for --resume), log.csv and metrics.json (scores on WBC_100/val)."""
 import argparse
+import atexit
 import math
 import os
 import signal
@@ -67,6 +68,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.alpha is not None and check_alpha(*args.alpha):
         p.error(f"--alpha: {check_alpha(*args.alpha)}")
+    if args.batch_size < 2 * WORLD or args.batch_size % WORLD:   # equal shares, 2+ rows (BatchNorm)
+        p.error(f"--batch-size {args.batch_size}: need a multiple of the {WORLD} process(es), "
+                f"with 2 or more each (BatchNorm)")
     numbers = (0 < args.lr < math.inf, 0 <= args.clip_grad < math.inf, 0 <= args.stain <= 1, 0 <= args.blur < math.inf,
                0 < args.zoom[0] <= args.zoom[1] < math.inf, args.epochs >= 1, min(args.seed, args.save_every) >= 0,
                args.size >= 32, args.batch_size >= 2 * WORLD and args.batch_size % WORLD == 0)
@@ -121,28 +125,90 @@ def train_one_epoch(forward, model, data, optimizer, scheduler, scaler, autocast
         y = data.labels[idx[mine]].to(args.device, non_blocking=True)
         with autocast:
             logit_map = forward(x, pooled=False).float()                  # (B, C, h, w)
-        loss, n_empty = mask_weighted_ce(logit_map, y, m, args.alpha, class_w) if args.alpha else \
-            (weighted_ce(logit_map.mean((2, 3)), y, class_w), y.new_zeros(()))   # pooled (B, C): what inference sees
+        # loss: this process's share of the batch's loss, over the whole batch's denominator
+        all_sum = sum_over_processes if WORLD > 1 else None
+        if args.alpha:
+            loss, n_empty = mask_weighted_ce(logit_map, y, m, args.alpha, class_w, all_sum)
+        else:   # pooled (B, C): what inference sees
+            pooled = logit_map.mean((2, 3))
+            loss, n_empty = weighted_ce(pooled, y, class_w, all_sum), y.new_zeros(())
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()          # the scaler is a no-op unless --amp fp16; DDP averages the gradients
+        # DDP averages the processes' gradients: x WORLD, that is the gradient of the sum of shares
+        scaler.scale(loss * WORLD).backward()
         if args.clip_grad:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()   # per step: the halvings fall at sevenths of the run, any epoch count
-        totals += torch.stack([loss.detach() * len(y), (logit_map.detach().mean((2, 3)).argmax(1) == y).sum(), n_empty])
+        correct = (logit_map.detach().mean((2, 3)).argmax(1) == y).sum()
+        shares = loss.detach() * len(idx)   # summed over the processes: the batch's loss x its size
+        totals += torch.stack([shares, correct, n_empty])
         bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
-    dist.all_reduce(totals) if WORLD > 1 else None   # loss, correct, empty-weight samples: sums over every process
+    if WORLD > 1:   # sums over every process; any process's bad step stops them all
+        dist.all_reduce(totals)
+        bad_step = first_over_processes(bad_step, len(batches))
     seen = sum(len(idx) for idx in batches)   # images (not only this process's)
     return (*(totals / seen).tolist(), seen / (time.perf_counter() - start), int(bad_step))
+
+def sum_over_processes(t):
+    """t summed over every torchrun process (an all-reduce; no host sync on NCCL)."""
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+def first_over_processes(bad_step, n_steps):
+    """The first step (1-based; 0: none) at which any process saw a non-finite loss.
+
+    Every process gets the same answer, so all stop together."""
+    bad_step = torch.where(bad_step > 0, bad_step, n_steps + 1)
+    dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+    return bad_step % (n_steps + 1)
+
+def stop_together(broken, device):
+    """Why this process stops (or None) -> why any process stops.
+
+    A process that stopped alone would leave the others waiting for it forever."""
+    flag = torch.tensor(float(broken is not None), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag and broken is None:
+        return "another process stopped (non-finite weights or scores there)"
+    return broken
+
+def check_rows(n, batch_size, where):
+    """Refuse a set whose batches give a process under 2 rows (BatchNorm), or unequal ones."""
+    if n < 2 * WORLD:
+        what = f"use torchrun --nproc-per-node {n // 2} or fewer" if n >= 2 else "add images"
+        raise DataError(f"{where}: {n} image(s), but {WORLD} process(es) need 2 each "
+                        f"(BatchNorm); {what}")
+    if n < batch_size and n % WORLD:   # the whole set is the one batch: it must split evenly
+        raise DataError(f"{where}: {n} images fill less than one --batch-size {batch_size} and "
+                        f"do not split evenly over {WORLD} processes; use --batch-size "
+                        f"{n - n % WORLD}")
+
+def data_parallel(model, device):
+    """(model, its DDP) over torchrun's processes.
+
+    NCCL: BatchNorm synced over them (SyncBatchNorm: N processes train as one). gloo has no
+    SyncBatchNorm: each process's BatchNorm takes its statistics over its own rows."""
+    if dist.get_backend() == "nccl":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [device.index] if device.type == "cuda" else None   # this process's one GPU
+    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 def main(argv=None):
     args = parse_args(argv)
     sys.stdout.reconfigure(errors="backslashreplace")   # undecodable name bytes print as \udcff
     if WORLD > 1:   # torchrun: a process per device, each on its share of every batch; rank 0 alone prints and writes
-        dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
         args.device = "cpu" if args.device == "cpu" else f"cuda:{os.environ['LOCAL_RANK']}"
+        gpus = torch.cuda.device_count()
+        if args.device != "cpu" and int(os.environ["LOCAL_RANK"]) >= gpus:   # a GPU a process
+            sys.exit(f"torchrun: {os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine, "
+                     f"which has {gpus} GPU(s); use --nproc-per-node {gpus} (or --device cpu)")
+        if args.device != "cpu":   # NCCL and every kernel on this process's own GPU, not on GPU 0
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
+        atexit.register(dist.destroy_process_group)   # at the end, and on every error's way out
         sys.stdout = sys.stdout if RANK == 0 else open(os.devnull, "w")
     device, channel, ckpt_path = torch.device(args.device), args.mask_mode == "channel", args.out / "checkpoint.pt"
     cuda, cache = device.type == "cuda", None if args.cache == "none" else args.cache
@@ -158,6 +224,10 @@ def main(argv=None):
     claim_folder(args.out) if RANK == 0 else None   # refuses a second live run on the same folder
     plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
     resume = load_checkpoint(ckpt_path, ("optimizer", "rng", "fingerprint"), plain, MAY_CHANGE) if args.resume else None
+    then = resume.get("world_size", WORLD) if resume else WORLD   # old checkpoints: unknown
+    if then != WORLD:   # other BatchNorm batches: not the killed run's continuation
+        sys.exit(f"--resume: {ckpt_path} was trained by {then} process(es), this run has "
+                 f"{WORLD} process(es); resume with torchrun --nproc-per-node {then}")
     start = None if resume else load_checkpoint(args.init)["model"] if args.init else \
         resnet34_state_dict(args.pretrained, args.weights)   # starting weights read before any decoding: fail fast
 
@@ -181,13 +251,16 @@ def main(argv=None):
         raise DataError(f"{args.masks / 'train'} (after {dirs['train_mask']}): every mask is "
                         f"{what}; draw them again with train_masker.py (did it learn?) or train "
                         f"without --alpha and --mask-mode channel")
+    check_rows(len(train), args.batch_size, dirs["train_data"])
     if resume and (resume["fingerprint"] != train.fingerprint or resume.get("classes") != train.classes):
         sys.exit(f"--resume: {ckpt_path} was trained on other files (images or masks changed since); start afresh")
 
     # 2. model: ImageNet, a local file, our classifier's or masker's resnet34 (--init), or random (resumed: its own)
     model = build_classifier(len(train.classes), 4 if channel else 3, start, args.init or args.weights or "ImageNet")
     model = model.to(device, memory_format=torch.channels_last)   # NHWC: faster convolutions on GPUs and CPUs
-    net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model   # same init on every rank
+    net = model
+    if WORLD > 1:   # same init on every rank
+        model, net = data_parallel(model, device)
     forward = torch.compile(net) if args.compile else net
 
     # 3. optimizer; LambdaLR stepped per step: 7 equal segments, each at half the lr of the last
@@ -225,6 +298,8 @@ def main(argv=None):
                   f"the validation loss is {val_loss}" if not math.isfinite(val_loss) else
                   "every sample's mask weight (a1*m + a2) summed to 0: nothing to learn (empty masks?)" if empty == 1
                   else None)
+        if WORLD > 1:
+            broken = stop_together(broken, device)
         if broken:
             sys.exit(f"error: epoch {epoch}/{epochs} {broken}; stopped, {saved}. Try a lower --lr or --clip-grad")
         eta = (time.perf_counter() - start) / (epoch - first + 1) * (epochs - epoch)
@@ -235,7 +310,8 @@ def main(argv=None):
         state = dict(kind="classifier", model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epochs=epochs, args=plain,
                      finished=epoch == epochs, log_rows=log_rows, classes=train.classes, fingerprint=train.fingerprint,
-                     rng={"torch": torch.get_rng_state()})   # CUDA's RNG: never drawn from
+                     rng={"torch": torch.get_rng_state()},   # CUDA's RNG: never drawn from
+                     world_size=WORLD)
         if epoch % every == 0 and epoch < epochs and RANK == 0:   # the last epoch's is saved with the report
             save_checkpoint(state, ckpt_path)
             save_csv(log_rows, args.out / "log.csv")

@@ -6,6 +6,7 @@
 Writes to --out: checkpoint.pt (also every --save-every epochs, for --resume), log.csv, metrics.json and
 masks/{train,val}/<Class>/<stem>.png (0/255, at each image's size) of WBC_<split>/train and WBC_100/val."""
 import argparse
+import atexit
 import math
 import os
 import shutil
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from data import (SPLITS, DataError, batch_indices, check_no_leakage, claim_folder, image_keys,
                   infer,
@@ -66,6 +68,9 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue the killed run in --out, with the same flags")
     g.add_argument("--dry-run", action="store_true", help="one batch, one epoch a stage, outputs under runs/dry_run")
     args = p.parse_args(argv)
+    if args.batch_size < 2 * WORLD or args.batch_size % WORLD:   # equal shares, 2+ rows (BatchNorm)
+        p.error(f"--batch-size {args.batch_size}: need a multiple of the {WORLD} process(es), "
+                f"with 2 or more each (BatchNorm)")
     numbers = (args.size >= 32 and args.size % 32 == 0, args.lr > 0, args.clip_grad >= 0, 0 <= args.threshold <= 1,
                0 <= args.holdout < 1, 0 <= args.stain <= 1, args.blur >= 0, 0 < args.zoom[0] <= args.zoom[1],
                min(args.epochs, args.pretrain_epochs, args.seed + 1, args.save_every + 1) >= 1, args.replay >= 0,
@@ -129,16 +134,64 @@ def train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, 
         scaler.update()
         wrong = (logits.detach() >= 0) != m.bool()   # logit >= 0: probability >= 0.5 is cell
         totals += torch.stack([loss.detach(), wrong.float().mean()]) * len(m)   # sums
-    torch.distributed.all_reduce(totals) if WORLD > 1 else None   # loss and pixel error: sums over every process
+    if WORLD > 1:   # sums over every process; any process's bad step stops them all
+        dist.all_reduce(totals)
+        bad_step = first_over_processes(bad_step, len(batches))
     seen = sum(len(idx) for idx in batches)
     return (*(totals / seen).tolist(), seen / (time.perf_counter() - start), int(bad_step))
+
+def first_over_processes(bad_step, n_steps):
+    """The first step (1-based; 0: none) at which any process saw a non-finite loss.
+
+    Every process gets the same answer, so all stop together."""
+    bad_step = torch.where(bad_step > 0, bad_step, n_steps + 1)
+    dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+    return bad_step % (n_steps + 1)
+
+def stop_together(broken, device):
+    """Why this process stops (or None) -> why any process stops.
+
+    A process that stopped alone would leave the others waiting for it forever."""
+    flag = torch.tensor(float(broken is not None), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag and broken is None:
+        return "another process stopped (non-finite weights or scores there)"
+    return broken
+
+def check_rows(n, batch_size, where):
+    """Refuse a set whose batches give a process under 2 rows (BatchNorm), or unequal ones."""
+    if n < 2 * WORLD:
+        what = f"use torchrun --nproc-per-node {n // 2} or fewer" if n >= 2 else "add images"
+        raise DataError(f"{where}: {n} image(s), but {WORLD} process(es) need 2 each "
+                        f"(BatchNorm); {what}")
+    if n < batch_size and n % WORLD:   # the whole set is the one batch: it must split evenly
+        raise DataError(f"{where}: {n} images fill less than one --batch-size {batch_size} and "
+                        f"do not split evenly over {WORLD} processes; use --batch-size "
+                        f"{n - n % WORLD}")
+
+def data_parallel(model, device):
+    """(model, its DDP) over torchrun's processes.
+
+    NCCL: BatchNorm synced over them (SyncBatchNorm: N processes train as one). gloo has no
+    SyncBatchNorm: each process's BatchNorm takes its statistics over its own rows."""
+    if dist.get_backend() == "nccl":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [device.index] if device.type == "cuda" else None   # this process's one GPU
+    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 def main(argv=None):
     args = parse_args(argv)
     sys.stdout.reconfigure(errors="backslashreplace")   # undecodable name bytes print as \udcff
     if WORLD > 1:   # torchrun: a process per device, each on its share of every batch; rank 0 alone prints and writes
-        torch.distributed.init_process_group("gloo" if args.device == "cpu" else "nccl")
         args.device = "cpu" if args.device == "cpu" else f"cuda:{os.environ['LOCAL_RANK']}"
+        gpus = torch.cuda.device_count()
+        if args.device != "cpu" and int(os.environ["LOCAL_RANK"]) >= gpus:   # a GPU a process
+            sys.exit(f"torchrun: {os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine, "
+                     f"which has {gpus} GPU(s); use --nproc-per-node {gpus} (or --device cpu)")
+        if args.device != "cpu":   # NCCL and every kernel on this process's own GPU, not on GPU 0
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
+        atexit.register(dist.destroy_process_group)   # at the end, and on every error's way out
         sys.stdout = sys.stdout if RANK == 0 else open(os.devnull, "w")
     device, ckpt_path, cuda = torch.device(args.device), args.out / "checkpoint.pt", args.device != "cpu"
     cache = None if args.cache == "none" else args.cache
@@ -152,6 +205,10 @@ def main(argv=None):
     claim_folder(args.out) if RANK == 0 else None   # refuses a second live run on the same folder
     args.plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
     resume = load_checkpoint(ckpt_path, ("optimizer", "rng", "stage"), args.plain, MAY_CHANGE) if args.resume else None
+    then = resume.get("world_size", WORLD) if resume else WORLD   # old checkpoints: unknown
+    if then != WORLD:   # other BatchNorm batches: not the killed run's continuation
+        sys.exit(f"--resume: {ckpt_path} was trained by {then} process(es), this run has "
+                 f"{WORLD} process(es); resume with torchrun --nproc-per-node {then}")
     weights = resnet34_state_dict(args.pretrained, args.weights) if not resume else None   # before any decoding
 
     # 1. data: the masks of WBC_<split> (and of --pretrain-on), a held-out set, every image to draw a mask for
@@ -180,7 +237,9 @@ def main(argv=None):
     model = UNet()
     load_backbone(model.encoder, weights, args.weights or "ImageNet weights")   # weights None: random init
     model = model.to(device, memory_format=torch.channels_last)   # NHWC: faster convolutions on GPUs and CPUs
-    net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model   # same init on every rank
+    net = model
+    if WORLD > 1:   # same init on every rank
+        model, net = data_parallel(model, device)
     forward = torch.compile(net) if args.compile else net
     torch.backends.cudnn.benchmark = True   # fixed-size batches: cuDNN times its kernels once, keeps the fastest
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32-like accuracy, faster
@@ -189,6 +248,9 @@ def main(argv=None):
     cat = lambda sets: (torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]))   # noqa: E731
     stages = [("pretrain", *cat(pre), 1 if args.dry_run else args.pretrain_epochs)] if pre else []
     stages += [("wbc", *cat([labelled] * max(1, args.replay) + pre * (args.replay > 0)), epochs)]   # --replay: pre too
+    where = {"pretrain": f"--pretrain-on {' '.join(args.pretrain_on)}", "wbc": dirs["train_mask"]}
+    for stage, images, *_ in stages:
+        check_rows(len(images), args.batch_size, where[stage])
     if resume:   # a resumed run goes on from the stage it was killed in
         names = [name for name, *_ in stages]
         stages = stages[names.index(resume["stage"]):]
@@ -213,13 +275,21 @@ def main(argv=None):
             lr = optimizer.param_groups[0]["lr"]
             loss, err, speed, bad = train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, args)
             scheduler.step()
-            if bad or not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
-                why = f"step {bad}: the loss is {loss}" if bad else "the weights are"
-                sys.exit(f"error: {stage} epoch {epoch}/{stage_epochs} {why} (not finite); stopped, {saved}")
+            tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+            broken = None
+            if not all(t.isfinite().all() for t in tensors):
+                broken = "the weights are not finite"
+            if bad:
+                broken = f"step {bad}: the loss is {loss} (not finite)"
+            if WORLD > 1:
+                broken = stop_together(broken, device)
+            if broken:
+                sys.exit(f"error: {stage} epoch {epoch}/{stage_epochs} {broken}; stopped, {saved}")
             print(f"{stage} epoch {epoch}/{stage_epochs} | loss {loss:.4f} | pixel error {100 * err:.2f}% | "
                   f"lr {lr:.2e} | {speed:.0f} img/s", flush=True)
             log_rows.append(dict(stage=stage, epoch=epoch, loss=loss, pixel_error=err, lr=lr, img_s=speed))
-            state = dict(kind="masker", stage=stage, epoch=epoch, finished=False, args=args.plain, log_rows=log_rows,
+            state = dict(kind="masker", stage=stage, epoch=epoch, finished=False, args=args.plain,
+                         world_size=WORLD, log_rows=log_rows,
                          fingerprint=args.fingerprint, rng={"torch": torch.get_rng_state()}, model=model.state_dict(),
                          optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict())
             if (epoch % (args.save_every or max(1, stage_epochs // 20)) == 0 or epoch == stage_epochs) and RANK == 0:
