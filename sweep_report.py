@@ -69,7 +69,7 @@ def read_json(path):
 def quiet(*_):
     """load_set's log, silenced: the report prints its own."""
 
-@functools.lru_cache(maxsize=8)   # every run of a sweep audits the same val set
+@functools.lru_cache(maxsize=8)   # the runs on one masker's masks share a val set: load it once
 def load_val(root, split, size, classes, generated):
     """WBC_100/val: images, labels, generated masks or None, masks to blank with (truth if
     complete), their name."""
