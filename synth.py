@@ -78,8 +78,9 @@ def _grid(size):
 def _noise(rng, size, blob_px):
     """Smooth random field (zero mean, unit std) whose blobs are about blob_px pixels wide."""
     n = max(2, int(round(size / blob_px)))
-    coarse = Image.fromarray(rng.standard_normal((n, n)).astype(np.float32))
-    field = np.asarray(coarse.resize((size, size), Image.BICUBIC))
+    coarse = rng.standard_normal((n, n)).astype(np.float32)
+    smooth = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
+    field = np.asarray(smooth)
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
@@ -100,14 +101,22 @@ def _tex(colour, noise, amount):
 
 
 def _discs(u, v, cu, cv, r):
-    """Signed distance to a union of discs (centres cu, cv, radii r: each (K,)), and distance /
-    radius in the nearest disc (u, v: a grid row, column)."""
+    """(signed distance to a union of discs, distance from the nearest disc's centre / its
+    radius), each (H, W). u, v: pixel coordinates that broadcast to (H, W) (a row and a column
+    of the grid, or whole maps); cu, cv, r: the discs' centres and radii, each (K,)."""
     du = u[None] - cu[:, None, None]
     dv = v[None] - cv[:, None, None]
     d = np.sqrt(du ** 2 + dv ** 2) - r[:, None, None]   # (K, H, W)
     k = d.argmin(0)   # the nearest disc of each pixel
     near = np.take_along_axis(d, k[None], 0)[0]
-    return near, (near + r[k]) / r[k]
+    rel = (near + r[k]) / r[k]
+    return near, rel
+
+
+def _discs_on_grid(size, cu, cv, r):
+    """_discs over every pixel of a (size, size) image: cu along x, cv along y."""
+    yy, xx = _grid(size)
+    return _discs(xx[:1], yy[:, :1], cu, cv, r)
 
 
 def _chain(u, v, pts, r, width):
@@ -115,27 +124,33 @@ def _chain(u, v, pts, r, width):
     half-width `width`."""
     a = pts[:-1, :, None, None]   # each strand's start
     ab = (pts[1:] - pts[:-1])[:, :, None, None]   # and its direction
+    abu = ab[:, 0]
+    abv = ab[:, 1]
     pu = u[None] - a[:, 0]
     pv = v[None] - a[:, 1]
-    length2 = ab[:, 0] ** 2 + ab[:, 1] ** 2 + 1e-6
-    t = np.clip((pu * ab[:, 0] + pv * ab[:, 1]) / length2, 0, 1)   # the nearest point on a strand
-    du = pu - t * ab[:, 0]
-    dv = pv - t * ab[:, 1]
-    strands = np.sqrt((du ** 2 + dv ** 2).min(0)) - width
+    length2 = abu ** 2 + abv ** 2 + 1e-6
+    projection = (pu * abu + pv * abv) / length2
+    t = np.clip(projection, 0, 1)   # the nearest point of each strand, as a fraction of its length
+    du = pu - t * abu
+    dv = pv - t * abv
+    nearest2 = (du ** 2 + dv ** 2).min(0)   # squared distance to the nearest strand
+    strands = np.sqrt(nearest2) - width
     lobes, _ = _discs(u, v, pts[:, 0], pts[:, 1], r)
     return np.minimum(lobes, strands)
 
 
 def _granules(rng, size, blob_px, threshold):
     """Soft spots from a thresholded fine noise field: cheap, vectorised granules."""
-    return np.clip((_noise(rng, size, blob_px) - threshold) * 2.5, 0, 1)
+    field = _noise(rng, size, blob_px)
+    return np.clip((field - threshold) * 2.5, 0, 1)
 
 
 # Per cell type: (rng, cell-frame coords u/v in px, radius R, size)
 #   -> (cytoplasm colour, [(alpha, colour), ...] painted in order over it).
 # Each reads from rng in a fixed order: reordering the lines changes every image of a seed.
 def _neutrophil(rng, u, v, R, size):
-    n = rng.integers(3, 6)  # 3-5 lobes strung along a bent arc, linked by thin strands
+    """3-5 lobes strung along a bent arc, linked by thin strands."""
+    n = rng.integers(3, 6)
     first = rng.uniform(0, 2 * np.pi)
     bend = rng.uniform(2.4, 4.2)
     ang = first + np.linspace(0, bend, n)
@@ -145,39 +160,50 @@ def _neutrophil(rng, u, v, R, size):
     pts -= 0.5 * pts.mean(0)  # keep the nucleus roughly central
     radii = R * rng.uniform(0.22, 0.3, n)
     nuc = _chain(u, v, pts, radii, 0.07 * R)
-    cyto = _tex([0.92, 0.81, 0.84], _noise(rng, size, size / 60), 0.03)  # faint fine granules
-    stain = _tex(NUCLEUS, _noise(rng, size, size / 25), 0.12)
+    cyto_noise = _noise(rng, size, size / 60)
+    cyto = _tex([0.92, 0.81, 0.84], cyto_noise, 0.03)  # faint fine granules
+    nucleus_noise = _noise(rng, size, size / 25)
+    stain = _tex(NUCLEUS, nucleus_noise, 0.12)
     return cyto, [(_alpha(nuc), stain)]
 
 
 def _eosinophil(rng, u, v, R, size):
-    sep = R * rng.uniform(0.28, 0.38)  # two lobes ("spectacles"), granules fill the cytoplasm
+    """Two lobes ("spectacles"); orange granules fill the cytoplasm."""
+    sep = R * rng.uniform(0.28, 0.38)
     jitter = rng.normal(0, 0.05 * R, (2, 2))
     shift = R * rng.uniform(-0.2, 0.2)
-    pts = np.array([[-sep, 0], [sep, 0]]) + jitter + [0, shift]
+    lobes = np.array([[-sep, 0], [sep, 0]])
+    pts = lobes + jitter + [0, shift]
     radii = R * rng.uniform(0.25, 0.32, 2)
     nuc = _chain(u, v, pts, radii, 0.06 * R)
     load = rng.uniform(-0.6, 0.2)   # granule load varies, always dense
     grains = 0.9 * _granules(rng, size, size / 48, load)
-    orange = _tex([0.95, 0.47, 0.18], _noise(rng, size, size / 20), 0.08)
-    stain = _tex(NUCLEUS, _noise(rng, size, size / 25), 0.12)
-    return [0.93, 0.70, 0.52], [(grains, orange), (_alpha(nuc), stain)]
+    granule_noise = _noise(rng, size, size / 20)
+    orange = _tex([0.95, 0.47, 0.18], granule_noise, 0.08)
+    nucleus_noise = _noise(rng, size, size / 25)
+    stain = _tex(NUCLEUS, nucleus_noise, 0.12)
+    nucleus = _alpha(nuc)
+    return [0.93, 0.70, 0.52], [(grains, orange), (nucleus, stain)]
 
 
 def _basophil(rng, u, v, R, size):
-    n = rng.integers(2, 4)  # lobed nucleus, then dark granules on top so it is hard to see
+    """A lobed nucleus, then dark granules on top so it is hard to see."""
+    n = rng.integers(2, 4)
     pts = rng.normal(0, 0.18 * R, (n, 2))
     radii = R * rng.uniform(0.28, 0.36, n)
     nuc = _chain(u, v, pts, radii, 0.1 * R)
     dense = np.clip(1 - np.hypot(u, v) / R, 0, 1)  # granules pile up over the centre
     threshold = 1.2 - 1.4 * dense - rng.uniform(0, 0.8)
     grains = 0.95 * _granules(rng, size, size / 42, threshold)
-    dark = _tex([0.26, 0.11, 0.36], _noise(rng, size, size / 20), 0.1)
-    return [0.84, 0.76, 0.86], [(_alpha(nuc), [0.42, 0.26, 0.54]), (grains, dark)]
+    granule_noise = _noise(rng, size, size / 20)
+    dark = _tex([0.26, 0.11, 0.36], granule_noise, 0.1)
+    nucleus = _alpha(nuc)
+    return [0.84, 0.76, 0.86], [(nucleus, [0.42, 0.26, 0.54]), (grains, dark)]
 
 
 def _lymphocyte(rng, u, v, R, size):
-    rn = R * rng.uniform(0.68, 0.88)  # big round nucleus, thin blue rim
+    """A big round nucleus, some notched, in a thin blue rim."""
+    rn = R * rng.uniform(0.68, 0.88)
     e = rng.uniform(0.88, 1.0)   # the nucleus's aspect ratio
     off = rng.normal(0, 0.05 * R, 2)
     du = u - off[0]
@@ -186,21 +212,28 @@ def _lymphocyte(rng, u, v, R, size):
     nuc = np.hypot(du * e, dv / e) - rn + wobble
     notch = rng.uniform(0, 0.15) * R - np.hypot(du, dv - rn)   # some are notched
     nuc = np.maximum(nuc, notch)
-    stain = _tex(NUCLEUS * 0.9, _noise(rng, size, size / 22), 0.12)
+    nucleus_noise = _noise(rng, size, size / 22)
+    stain = _tex(NUCLEUS * 0.9, nucleus_noise, 0.12)
     return [0.72, 0.74, 0.88], [(_alpha(nuc), stain)]
 
 
 def _monocyte(rng, u, v, R, size):
-    a = R * rng.uniform(0.52, 0.66)  # kidney: an ellipse (half-axes a, b) with a bite
+    """A kidney-shaped nucleus (an ellipse with a bite) in grey-blue cytoplasm with vacuoles."""
+    a = R * rng.uniform(0.52, 0.66)   # the ellipse's half-axes a, b
     b = R * rng.uniform(0.40, 0.50)
     cu, cv = rng.normal(0, 0.06 * R, 2)
-    ell = (np.hypot((u - cu) / a, (v - cv) / b) - 1) * b
+    ru = (u - cu) / a
+    rv = (v - cv) / b
+    ell = (np.hypot(ru, rv) - 1) * b   # about b px times the ellipse's own distance
     bu = cu + rng.normal(0, 0.1 * a)
     bv = cv + b * rng.uniform(0.95, 1.3)  # the bite sits on one long side
-    bite = np.hypot(u - bu, v - bv) - R * rng.uniform(0.22, 0.4)
+    bite_r = R * rng.uniform(0.22, 0.4)
+    bite = np.hypot(u - bu, v - bv) - bite_r
     vacuoles = 0.5 * _granules(rng, size, size / 16, 1.8)
-    cyto = _tex([0.66, 0.70, 0.80], _noise(rng, size, size / 30), 0.03)
-    stain = _tex(NUCLEUS * 1.25, _noise(rng, size, size / 18), 0.15)
+    cyto_noise = _noise(rng, size, size / 30)
+    cyto = _tex([0.66, 0.70, 0.80], cyto_noise, 0.03)
+    nucleus_noise = _noise(rng, size, size / 18)
+    stain = _tex(NUCLEUS * 1.25, nucleus_noise, 0.15)
     nucleus = _alpha(np.maximum(ell, -bite))
     return cyto, [(vacuoles, [0.92, 0.90, 0.94]), (nucleus, stain)]
 
@@ -211,27 +244,26 @@ DRAWERS = dict(zip(CLASSES, (_basophil, _eosinophil, _lymphocyte, _monocyte, _ne
 def _red_cells(rng, img, scale):
     """Red cells in two layers, then platelets, painted into img (S, S, 3); scale: zoomed side."""
     side = img.shape[0]
-    yy, xx = _grid(side)
     n = rng.integers(2, 28)  # crowding varies from sparse to packed
     colour = RBC + rng.normal(0, 0.02, 3)
     pale = RBC_PALE + rng.normal(0, 0.02, 3)
     for layer in np.array_split(np.arange(n), 2):  # two layers so overlapping cells show their rims
-        c = rng.uniform(-0.1, 1.1, (2, len(layer))) * side  # some spill over the border
+        centres = rng.uniform(-0.1, 1.1, (2, len(layer))) * side  # some spill over the border
         radii = scale * rng.uniform(0.075, 0.095, len(layer))
-        d, rel = _discs(xx[:1], yy[:, :1], c[0], c[1], radii)
+        d, rel = _discs_on_grid(side, centres[0], centres[1], radii)
         pallor = 0.7 * np.clip(1 - (rel / 0.6) ** 2, 0, 1)  # pale centre of the biconcave disc
-        _paint(img, _alpha(d), colour + (pale - colour) * pallor[..., None])
+        shade = colour + (pale - colour) * pallor[..., None]
+        _paint(img, _alpha(d), shade)
     _platelets(rng, img, scale)
 
 
 def _platelets(rng, img, scale):
     """Small purple specks that a model must learn to ignore."""
     side = img.shape[0]
-    yy, xx = _grid(side)
     k = rng.integers(1, 5)
-    c = rng.uniform(0, side, (2, k))
+    centres = rng.uniform(0, side, (2, k))
     radii = scale * rng.uniform(0.012, 0.022, k)
-    d, _ = _discs(xx[:1], yy[:, :1], c[0], c[1], radii)
+    d, _ = _discs_on_grid(side, centres[0], centres[1], radii)
     _paint(img, 0.8 * _alpha(d), [0.55, 0.35, 0.62])
 
 
@@ -255,8 +287,9 @@ def _cell_outline(rng, u, v, R):
     phase = rng.uniform(0, 2 * np.pi, 2)
     rho = np.hypot(u / e, v * e)
     phi = np.arctan2(v, u)
-    wave = 0.04 * np.sin(3 * phi + phase[0]) + 0.03 * np.sin(5 * phi + phase[1])
-    edge = R * (1 + wave)
+    wave3 = 0.04 * np.sin(3 * phi + phase[0])   # three and five bumps around the rim
+    wave5 = 0.03 * np.sin(5 * phi + phase[1])
+    edge = R * (1 + wave3 + wave5)
     return rho, edge
 
 
@@ -294,11 +327,11 @@ def _tumour_nuclei(rng, size):
     """(S, S) coverage of tumour nuclei: packed on a jittered grid, big, irregular."""
     step = size * rng.uniform(0.12, 0.15)
     grid = np.mgrid[0:size:step, 0:size:step].reshape(2, -1)
-    c = (grid + rng.normal(0, 0.2 * step, (2, 1))).astype(np.float32)
-    c += rng.uniform(-0.3, 0.3, c.shape) * step
-    yy, xx = _grid(size)
-    radii = step * rng.uniform(0.3, 0.42, c.shape[1])
-    d, _ = _discs(xx[:1], yy[:, :1], c[1], c[0], radii)
+    shift = rng.normal(0, 0.2 * step, (2, 1))
+    centres = (grid + shift).astype(np.float32)
+    centres += rng.uniform(-0.3, 0.3, centres.shape) * step
+    radii = step * rng.uniform(0.3, 0.42, centres.shape[1])
+    d, _ = _discs_on_grid(size, centres[1], centres[0], radii)   # mgrid: row (y) first
     return _alpha(d + 0.1 * step * _noise(rng, size, size / 14))
 
 
@@ -314,7 +347,8 @@ def draw_cam(rng, size, tumor):
     small = _granules(rng, size, size / 28, threshold)
     _paint(img, small * ~region, [0.36, 0.27, 0.58])
     big = _tumour_nuclei(rng, size)
-    dark = _tex([0.27, 0.12, 0.38], _noise(rng, size, size / 30), 0.2)
+    nucleus_noise = _noise(rng, size, size / 30)
+    dark = _tex([0.27, 0.12, 0.38], nucleus_noise, 0.2)
     _paint(img, big * region, dark)
     return img, region
 
@@ -335,8 +369,15 @@ def draw_prcc(rng, size):
 def _hue_rotation(angle):
     """(3, 3): turns RGB colours by `angle` radians about the grey axis (Rodrigues' formula)."""
     k = np.full(3, 3 ** -0.5)
-    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.cos(angle) * np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * np.outer(k, k)
+    cross = np.array([   # cross @ x == k x x
+        [0, -k[2], k[1]],
+        [k[2], 0, -k[0]],
+        [-k[1], k[0], 0],
+    ])
+    keep = np.cos(angle) * np.eye(3)
+    turn = np.sin(angle) * cross
+    along = (1 - np.cos(angle)) * np.outer(k, k)
+    return keep + turn + along
 
 
 def _finish(rng, img):
@@ -347,14 +388,17 @@ def _finish(rng, img):
     hue = _hue_rotation(angle)
     grey = np.full((3, 3), 1 / 3)
     saturation = grey + sat * (np.eye(3) - grey)
-    gain = np.diag(rng.uniform(0.92, 1.06) * rng.uniform(0.985, 1.015, 3))   # overall, per channel
+    brightness = rng.uniform(0.92, 1.06)
+    balance = rng.uniform(0.985, 1.015, 3)   # per channel
+    gain = np.diag(brightness * balance)
     m = gain @ saturation @ hue
-    rgb = np.clip(img @ m.T.astype(np.float32) * 255 + 0.5, 0, 255).astype(np.uint8)
+    colour = img @ m.T.astype(np.float32)
+    rgb = np.clip(colour * 255 + 0.5, 0, 255).astype(np.uint8)
     radius = rng.uniform(0.4, 1.8) * img.shape[0] / 128
     blurred = Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(radius))
     out = np.asarray(blurred, np.float32)
-    grain = rng.normal(0, rng.uniform(1, 7), out.shape)
-    return np.clip(out + grain + 0.5, 0, 255).astype(np.uint8)
+    sensor = rng.normal(0, rng.uniform(1, 7), out.shape)   # the camera's own noise
+    return np.clip(out + sensor + 0.5, 0, 255).astype(np.uint8)
 
 
 def _tmp(path):
