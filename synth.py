@@ -457,6 +457,7 @@ def _count(summary, key, cls, masked):
 
 
 def _check_values(scale, size, seed, confound):
+    """A ValueError naming the first value that cannot make a dataset."""
     if not 0 < scale < float("inf"):   # also refuses nan
         raise ValueError(f"need 0 < scale < inf, got {scale}")
     if size < 32:
@@ -543,12 +544,12 @@ def write_synth(root, scale=0.1, size=128, seed=0, confound=0.0, workers=None):
 
     def add(kind, split, cls, idx, folder, stem, masked):
         """Queue one image (and its mask when `masked`) and count it under `folder`."""
-        sub = ("data", cls) if cls else ()
-        img = os.path.join(root, folder, *sub, stem + ".jpg")
-        mask = None
+        sub = ("data", cls) if cls else ()   # pRCC has no classes: its images at the top
+        img_path = os.path.join(root, folder, *sub, stem + ".jpg")
+        mask_path = None
         if masked:
-            mask = os.path.join(root, folder, "mask", cls, stem + ".png")
-        jobs.append((kind, split, cls, idx, seed, size, float(confound), img, mask))
+            mask_path = os.path.join(root, folder, "mask", cls, stem + ".png")
+        jobs.append((kind, split, cls, idx, seed, size, float(confound), img_path, mask_path))
         _count(summary, folder, cls, masked)
 
     wbc_train = _plan_wbc(add, seed, scale)
