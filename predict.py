@@ -1,19 +1,22 @@
-"""Predict on a folder of new images, any depth, labelled or not: classes, masks and overlays a person can scan.
+"""Predict on a folder of new images, any depth, labelled or not: classes, masks and overlays a
+person can scan.
 
-    python predict.py FOLDER --classifier runs/classifier_WBC_100_alpha-1_1/checkpoint.pt --out predictions
-    python predict.py FOLDER --masker runs/masker_WBC_100/checkpoint.pt --classifier CKPT --adapt-bn --out OUT
+    python predict.py FOLDER --classifier runs/classifier_WBC_100_alpha-1_1/checkpoint.pt --out OUT
+    python predict.py FOLDER --masker runs/masker_WBC_100/checkpoint.pt --classifier CKPT --out OUT
+    python predict.py FOLDER --classifier CKPT --adapt-bn --out OUT   # a new microscope's images
 
-Writes to --out: predictions.csv (path, predicted class, one probability column per class) with a classifier;
-with a masker, masks/<path>.png (0/255, the image's own size) and overlays/<path>.png (the mask's outline
-on the image). A FOLDER laid out as <Class>/<image> whose classes the classifier knows is also scored
-(accuracy, balanced accuracy), and with a sibling mask/ folder the masks too (Dice), as evaluate.py does.
-Scores go to scores.json. A rerun into one --out replaces the last run's CSV, masks/, overlays/
-and scores.json (never a masks/ that predict.py did not write: refused), and --out's masks/ and
-overlays/ are never read as inputs, even with --out inside FOLDER.
+Writes to --out: predictions.csv (path, predicted class, one probability column per class) with a
+classifier; with a masker, masks/<path>.png (0/255, the image's own size) and overlays/<path>.png
+(the mask's outline on the image). A FOLDER laid out as <Class>/<image> whose classes the
+classifier knows is also scored (accuracy, balanced accuracy), and with a sibling mask/ folder the
+masks too (Dice), as evaluate.py does. Scores go to scores.json. A rerun into one --out replaces
+the last run's CSV, masks/, overlays/ and scores.json (never a masks/ that predict.py did not
+write: refused), and --out's masks/ and overlays/ are never read as inputs, even with --out
+inside FOLDER.
 
---adapt-bn (AdaBN, Li et al. 2016) recomputes every BatchNorm layer's statistics on FOLDER's images before
-predicting: no labels, no gradient, weights untouched. It helps when a new microscope's colours and scale
-shift the features' statistics away from the training set's.
+--adapt-bn (AdaBN, Li et al. 2016) recomputes every BatchNorm layer's statistics on FOLDER's
+images before predicting: no labels, no gradient, weights untouched. It helps when a new
+microscope's colours and scale shift the features' statistics away from the training set's.
 """
 import argparse
 import os
@@ -39,25 +42,39 @@ OUTPUTS = ("masks", "overlays", "predictions.csv", "scores.json")   # a rerun re
 MARKER = ".predict"   # in --out: its OUTPUTS are predict.py's (never clear a user's own masks/)
 
 
+AMP_DTYPES = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", help="images to predict on, any depth (hidden files and non-images are skipped)")
-    p.add_argument("--classifier", help="a checkpoint.pt of train_classifier.py")
-    p.add_argument("--masker", help="a checkpoint.pt of train_masker.py")
-    p.add_argument("--out", required=True, help="output folder (predictions.csv, masks/, overlays/, scores.json)")
-    p.add_argument("--adapt-bn", action="store_true", help="recompute BatchNorm statistics on FOLDER first (AdaBN)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (and per AdaBN batch)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder",
+                   help="images to predict on, any depth (hidden files and non-images are skipped)")
+    p.add_argument("--classifier",
+                   help="a checkpoint.pt of train_classifier.py")
+    p.add_argument("--masker",
+                   help="a checkpoint.pt of train_masker.py")
+    p.add_argument("--out", required=True,
+                   help="output folder (predictions.csv, masks/, overlays/, scores.json)")
+    p.add_argument("--adapt-bn", action="store_true",
+                   help="recompute BatchNorm statistics on FOLDER first (AdaBN)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per forward pass (and per AdaBN batch)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
-    if not (args.classifier or args.masker):
+    if not args.classifier and not args.masker:
         p.error("give --classifier, --masker or both")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
     if args.adapt_bn and args.batch_size < 2:
         p.error("--batch-size must be at least 2 with --adapt-bn (AdaBN needs batch statistics)")
-    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device != "cpu" and not torch.cuda.is_available()):
-        p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: not a device (cpu, or cuda, cuda:1, ...)")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: not available here (no CUDA on this machine: cpu)")
     return args
 
 
@@ -78,20 +95,35 @@ def load_model(path, kind):
     if ckpt.get("finished") is False:   # a kill or a NaN stopped it: say so, still use it
         print(f"note: {path} is from an unfinished run (stopped after epoch {ckpt.get('epoch')})")
     channels = 4 if ckpt["args"].get("mask_mode") == "channel" else 3
-    model = ResNetClassifier(len(ckpt["classes"]), channels) if kind == "classifier" else UNet()
+    if kind == "classifier":
+        model = ResNetClassifier(len(ckpt["classes"]), channels)
+    else:
+        model = UNet()
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise SystemExit(f"{path}: weights don't fit a {kind} ({str(e).splitlines()[0][:200]})") from None
+        first = str(e).splitlines()[0][:200]
+        raise SystemExit(f"{path}: weights don't fit a {kind} ({first})") from None
     return model.eval(), ckpt
+
+
+def load_models(masker, classifier):
+    """{kind: (model, checkpoint)} of the checkpoints given, the masker first: its masks may
+    feed the classifier."""
+    models = {}
+    if masker:
+        models["masker"] = load_model(masker, "masker")
+    if classifier:
+        models["classifier"] = load_model(classifier, "classifier")
+    return models
 
 
 @torch.no_grad()
 def adapt_batchnorm(model, images, masks, batch_size, device, mask_channel=False, white=False):
-    """AdaBN: every BatchNorm layer's running mean and variance become the statistics of `images` (N, 3, S, S)
-    uint8, averaged over batches of `batch_size` (cumulative average, so the order does not matter); nothing
-    else changes; a last batch of one image joins the batch before (BatchNorm needs 2). Returns
-    the model in eval mode."""
+    """AdaBN: every BatchNorm layer's running mean and variance become the statistics of
+    `images` (N, 3, S, S) uint8, averaged over batches of `batch_size` (cumulative average, so
+    the order does not matter); nothing else changes; a last batch of one image joins the batch
+    before (BatchNorm needs 2). Returns the model in eval mode."""
     if len(images) < 2:
         raise DataError(f"--adapt-bn needs at least 2 images (BatchNorm), not {len(images)}")
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -103,14 +135,16 @@ def adapt_batchnorm(model, images, masks, batch_size, device, mask_channel=False
     if len(batches[-1]) == 1:
         batches[-2:] = [torch.cat(batches[-2:])]
     for idx in batches:
-        x, _ = make_batch(images, masks, idx, device, train=False, mask_channel=mask_channel, white=white)
+        x, _ = make_batch(images, masks, idx, device, train=False, mask_channel=mask_channel,
+                          white=white)
         model(x)
     return model.eval()
 
 
 def overlay(image, mask):
     """(H, W, 3) uint8 image with the outline of the (H, W) bool mask drawn in green."""
-    grown = F.max_pool2d(torch.from_numpy(mask)[None, None].float(), 3, 1, 1)[0, 0].bool().numpy()
+    cell = torch.from_numpy(mask)[None, None].float()   # (1, 1, H, W)
+    grown = F.max_pool2d(cell, 3, 1, 1)[0, 0].bool().numpy()   # the mask grown by one pixel
     out = image.copy()
     out[grown & ~mask] = (0, 255, 0)
     return out
@@ -144,6 +178,23 @@ def refuse_twins(paths):
                         f"both be {clash}); rename or remove one")
 
 
+def find_inputs(folder, out, masker, adapt_bn):
+    """The images under FOLDER to predict on; a DataError saying why, when they won't do."""
+    if folder.is_file():
+        raise DataError(f"{folder}: a file; give the folder of images to predict on")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    paths = list_inputs(folder, out)
+    if not paths:
+        raise DataError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTS))})")
+    if masker:
+        refuse_twins(paths)
+    if adapt_bn and len(paths) < 2:
+        raise DataError(f"{folder}: --adapt-bn needs at least 2 images (BatchNorm statistics); "
+                        "drop --adapt-bn")
+    return paths
+
+
 def check_out(out):
     """A rerun replaces --out's outputs: refuse when a file of those names is not predict.py's."""
     found = [name for name in OUTPUTS if (out / name).exists()]
@@ -169,6 +220,43 @@ def replace_outputs(out, stage, rows, scores):
         save_json(scores, out / "scores.json")
 
 
+def save_mask_and_overlay(prob, threshold, shape, path, name, stage):
+    """One image's mask at its own size (w, h) = shape, from prob (1, 1, S, S), and its overlay,
+    into `stage`."""
+    w, h = shape
+    full = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)
+    cell = full[0, 0].numpy() >= threshold
+    png = Path(name).with_suffix(".png")
+    save_mask_png(cell, stage / "masks" / png)
+    with Image.open(path) as im:   # upright, as decode_image turned it: the mask's (h, w)
+        upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    save_png(overlay(upright, cell), stage / "overlays" / png)
+
+
+def score_masks(cells, names, folder, size):
+    """Dice and IoU of cells (N, 1, S, S) bool against the sibling mask/ folder's masks of a
+    labelled split (.../val/data beside .../val/mask), or None without one."""
+    truth = folder.parent / "mask"
+    if not truth.is_dir():
+        return None
+    found = []   # indices of the images with a true mask
+    mask_paths = []
+    for i, name in enumerate(names):
+        mask_path = truth / Path(name).with_suffix(".png")
+        if mask_path.exists():
+            found.append(i)
+            mask_paths.append(mask_path)
+    if not found:
+        return None
+    true, _, _ = decode_all("mask", mask_paths, size)
+    true = torch.from_numpy(true) > 0
+    pred = cells[found]
+    scores = mask_metrics(mask_counts(pred, true))
+    scores["mean_image_dice"] = mean_image_dice(pred, true)
+    scores["n"] = len(found)
+    return scores
+
+
 def predict_masks(model, ckpt, paths, names, folder, decode, stage, adapt_bn, batch_size, device,
                   autocast):
     """Masks and overlays of every image into `stage`. Returns (masks (N, 1, S, S) uint8, scores
@@ -183,26 +271,39 @@ def predict_masks(model, ckpt, paths, names, folder, decode, stage, adapt_bn, ba
     prob = torch.sigmoid(logits)
     cells = prob >= threshold   # one rule everywhere: probability >= threshold is cell
     for i, (path, name) in enumerate(zip(paths, names)):
-        w, h = shapes[i]
-        full = F.interpolate(prob[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)
-        cell = full[0, 0].numpy() >= threshold
-        save_mask_png(cell, stage / "masks" / Path(name).with_suffix(".png"))
-        with Image.open(path) as im:   # upright, as decode_image turned it: the mask's (h, w)
-            drawn = overlay(np.asarray(ImageOps.exif_transpose(im).convert("RGB")), cell)
-        save_png(drawn, stage / "overlays" / Path(name).with_suffix(".png"))
-    truth = folder.parent / "mask"
-    pairs = []
-    if truth.is_dir():   # a labelled split (.../val/data beside .../val/mask): score the masks
-        pairs = [(i, truth / Path(n).with_suffix(".png")) for i, n in enumerate(names)
-                 if (truth / Path(n).with_suffix(".png")).exists()]
-    if not pairs:
-        return cells.to(torch.uint8), None
-    true, _, _ = decode_all("mask", [t for _, t in pairs], size)
-    pred, true = cells[[i for i, _ in pairs]], torch.from_numpy(true) > 0
-    scores = mask_metrics(mask_counts(pred, true))
-    scores["mean_image_dice"] = mean_image_dice(pred, true)
-    scores["n"] = len(pairs)
+        save_mask_and_overlay(prob[i:i + 1], threshold, shapes[i], path, name, stage)
+    scores = score_masks(cells, names, folder, size)
     return cells.to(torch.uint8), scores
+
+
+def top_folder(name):
+    """The first folder of a relative path: the class of a <Class>/<image> folder; None for a
+    file at the top."""
+    parts = Path(name).parts
+    if len(parts) > 1:
+        return parts[0]
+    return None
+
+
+def csv_rows(names, probs, classes):
+    """A row per image: path, predicted class, a probability per class (probs (N, C))."""
+    rows = []
+    for name, p in zip(names, probs):
+        row = {"path": name, "predicted": classes[int(p.argmax())]}
+        for c, v in zip(classes, p):
+            row[c] = f"{float(v):.4f}"
+        rows.append(row)
+    return rows
+
+
+def score_classes(names, probs, classes):
+    """Accuracy and balanced accuracy of a <Class>/<image> folder of known classes, or None."""
+    tops = [top_folder(name) for name in names]
+    if not all(top in classes for top in tops):   # not a <Class>/<image> folder: nothing to score
+        return None
+    labels = torch.tensor([classes.index(top) for top in tops])
+    conf = confusion_matrix(labels, probs.argmax(1), len(classes))
+    return classification_metrics(conf, classes)
 
 
 def predict_classes(model, ckpt, names, decode, masks, adapt_bn, batch_size, device, autocast):
@@ -216,17 +317,9 @@ def predict_classes(model, ckpt, names, decode, masks, adapt_bn, batch_size, dev
     if adapt_bn:
         adapt_batchnorm(model, images, masks, batch_size, device, channel, white)
     logits = infer(model, images, masks, batch_size, device, autocast, channel, white)
-    probs = logits.softmax(1)
-    rows = []
-    for name, p in zip(names, probs):
-        each = {c: f"{float(v):.4f}" for c, v in zip(classes, p)}
-        rows.append({"path": name, "predicted": classes[int(p.argmax())], **each})
-    tops = [Path(n).parts[0] if len(Path(n).parts) > 1 else None for n in names]
-    if not all(top in classes for top in tops):   # not a <Class>/<image> folder: nothing to score
-        return rows, None
-    labels = torch.tensor([classes.index(top) for top in tops])
-    conf = confusion_matrix(labels, probs.argmax(1), len(classes))
-    return rows, classification_metrics(conf, classes)
+    probs = logits.softmax(1)   # (N, C)
+    rows = csv_rows(names, probs, classes)
+    return rows, score_classes(names, probs, classes)
 
 
 def decoder(paths):
@@ -238,7 +331,9 @@ def decoder(paths):
         if size not in decoded:
             images, shapes, bad = decode_all("image", paths, size, log=print)
             if bad:
-                raise DataError(f"{len(bad)} unreadable image(s), e.g. {paths[min(bad)]}: {bad[min(bad)]}")
+                first = min(bad)
+                raise DataError(f"{len(bad)} unreadable image(s), e.g. {paths[first]}: "
+                                f"{bad[first]}")
             decoded[size] = torch.from_numpy(images), shapes
         return decoded[size]
     return decode
@@ -247,25 +342,15 @@ def decoder(paths):
 def main(argv=None):
     args = parse_args(argv)
     sys.stdout.reconfigure(errors="backslashreplace")   # undecodable name bytes print as \udcff
-    device, start = torch.device(args.device), time.perf_counter()
+    start = time.perf_counter()
+    device = torch.device(args.device)
     amp = pick_amp(device)   # the trainers' rule for this device, whatever the runs trained with
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16   # inference: fp16 needs no scaler
-    autocast = torch.autocast(device.type, dtype, enabled=amp != "off")
-    models = {kind: load_model(path, kind) for kind, path in (("masker", args.masker),
-              ("classifier", args.classifier)) if path}
-    folder, out = Path(args.folder), Path(args.out)
-    if folder.is_file():
-        raise DataError(f"{folder}: a file; give the folder of images to predict on")
-    if not folder.is_dir():
-        raise DataError(f"{folder}: folder not found")
-    paths = list_inputs(folder, out)
-    if not paths:
-        raise DataError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTS))})")
-    if "masker" in models:
-        refuse_twins(paths)
-    if args.adapt_bn and len(paths) < 2:
-        raise DataError(f"{folder}: --adapt-bn needs at least 2 images (BatchNorm statistics); "
-                        "drop --adapt-bn")
+    # inference: fp16 needs no grad scaler
+    autocast = torch.autocast(device.type, AMP_DTYPES[amp], enabled=amp != "off")
+    models = load_models(args.masker, args.classifier)
+    folder = Path(args.folder)
+    out = Path(args.out)
+    paths = find_inputs(folder, out, "masker" in models, args.adapt_bn)
     names = [str(p.relative_to(folder)) for p in paths]
     claim_folder(out)   # one predict.py at a time in --out
     check_out(out)
@@ -273,40 +358,52 @@ def main(argv=None):
     shutil.rmtree(stage, ignore_errors=True)
     print(f"{len(paths)} images under {folder} | {' and '.join(models)} | adapt BN {args.adapt_bn} "
           f"| device {device}")
-    scores, masks_by_size, rows = {}, {}, None
     decode = decoder(paths)
-    if "masker" in models:   # 1. masks (the classifier may read them as a 4th channel)
+    scores = {}
+    masks_by_size = {}
+    rows = None
+    # 1. masks (the classifier may read them as a 4th channel)
+    if "masker" in models:
         model, ckpt = models["masker"]
         masks, score = predict_masks(model, ckpt, paths, names, folder, decode, stage,
                                      args.adapt_bn, args.batch_size, device, autocast)
         masks_by_size[ckpt["args"]["size"]] = masks
         if score:
             scores["masker"] = score
-    if "classifier" in models:   # 2. classes
+    # 2. classes
+    if "classifier" in models:
         model, ckpt = models["classifier"]
         size = ckpt["args"]["size"]
         if ckpt["args"].get("mask_mode") == "channel" and size not in masks_by_size:
-            raise SystemExit(f"{args.classifier}: reads masks as a 4th channel: give --masker (of the same --size)")
+            raise SystemExit(f"{args.classifier}: reads masks as a 4th channel: give --masker "
+                             "(of the same --size)")
         rows, score = predict_classes(model, ckpt, names, decode, masks_by_size.get(size),
                                       args.adapt_bn, args.batch_size, device, autocast)
         if score:
             scores["classifier"] = score
-    replace_outputs(out, stage, rows, scores)   # 3. report
+    # 3. report
+    replace_outputs(out, stage, rows, scores)
     report(scores, rows, "masker" in models, out, time.perf_counter() - start)
     return scores
 
 
 def report(scores, rows, masked, out, seconds):
     """The scores, one line a model, and what was written."""
-    for kind, m in scores.items():
+    for kind, metrics in scores.items():
         if kind == "classifier":
-            print(f"classifier: accuracy {100 * m['accuracy']:.2f}% | "
-                  f"balanced {100 * m['balanced_accuracy']:.2f}%")
+            print(f"classifier: accuracy {100 * metrics['accuracy']:.2f}% | "
+                  f"balanced {100 * metrics['balanced_accuracy']:.2f}%")
         else:
-            print(f"masker: Dice {m['dice']:.3f} | IoU {m['iou']:.3f} (pooled over pixels) | "
-                  f"mean Dice per image {m['mean_image_dice']:.3f} on {m['n']} masks")
-    wrote = ["predictions.csv"] * bool(rows) + ["masks/", "overlays/"] * masked
-    wrote += ["scores.json"] * bool(scores)
+            print(f"masker: Dice {metrics['dice']:.3f} | IoU {metrics['iou']:.3f} (pooled over "
+                  f"pixels) | mean Dice per image {metrics['mean_image_dice']:.3f} on "
+                  f"{metrics['n']} masks")
+    wrote = []
+    if rows:
+        wrote.append("predictions.csv")
+    if masked:
+        wrote += ["masks/", "overlays/"]
+    if scores:
+        wrote.append("scores.json")
     print(f"wrote {', '.join(wrote)} under {out} in {seconds:.1f}s")
 
 
