@@ -17,12 +17,13 @@ import torch.nn.functional as F
 
 from data import (DataError, atomic_write, infer, load_checkpoint, load_set, save_json, wbc_dirs,
                   white_balance)
+from losses import cohen_kappa
 from resnet_cls import ResNetClassifier
 
 # every mask setting vs both; alpha0_1: the same per-location loss, uniform weights
 CONTROLS = ("nomask", "alpha0_1")
 CACHE = ".cache/decoded"   # the trainers' default decode cache: the audit shares it
-AUDIT_VERSION = 5          # bump when audit_run changes, so older audit.json files are redone
+AUDIT_VERSION = 6          # bump when audit_run changes, so older audit.json files are redone
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
@@ -190,6 +191,7 @@ def audit_run(folder, device):
     preds = maps.mean((2, 3)).argmax(1)
     cell = predictions(model, views["cell"], channel, device)
     back = predictions(model, views["background"], channel, device)
+    n_classes = len(ckpt["classes"])
     record = {
         "version": AUDIT_VERSION,
         "accuracy": agreement(preds, labels),
@@ -197,6 +199,11 @@ def audit_run(folder, device):
         "background_only_accuracy": agreement(back, labels),
         "cell_only_agreement": agreement(cell, preds),
         "background_only_agreement": agreement(back, preds),
+        # kappa: agreement beyond what the two predictions' class shares give by chance
+        "cell_only_kappa": cohen_kappa(cell, preds, n_classes),
+        "background_only_kappa": cohen_kappa(back, preds, n_classes),
+        "background_only_predicted": torch.bincount(back, minlength=n_classes).tolist(),
+        "background_only_top_share": torch.bincount(back).max().item() / len(back),
         "mask_area": masks.float().mean().item(),
         "cam_inside_mask": cam_inside(maps, preds, masks).nanmean().item(),
         "logit_map": list(maps.shape[-2:]),
@@ -413,6 +420,10 @@ AUDIT_COLUMNS = (
     ("background-only acc %", "background_only_accuracy", 100, 1),
     ("cell-only keeps pred %", "cell_only_agreement", 100, 1),
     ("background-only keeps pred %", "background_only_agreement", 100, 1),
+    ("cell-only kappa", "cell_only_kappa", 1, 2),
+    ("background-only kappa", "background_only_kappa", 1, 2),
+    # the raw 'keeps pred' of a model that falls back on one class is about this share
+    ("background-only top class %", "background_only_top_share", 100, 1),
     ("CAM share in mask %", "cam_inside_mask", 100, 1),
     ("mask area %", "mask_area", 100, 1),
     # 1: a model that predicts one class keeps any prediction: its 'keeps pred' say nothing
@@ -423,6 +434,7 @@ PAIRED_METRICS = (
     ("balanced_accuracy", "Balanced accuracy"),
     ("cell_only_agreement", "Cell-only images keep the prediction (audit)"),
     ("background_only_agreement", "Background-only images keep the prediction (audit)"),
+    ("background_only_kappa", "Background-only images keep the prediction, Cohen's kappa (audit)"),
     ("cam_inside_mask", "Class-activation share inside the mask (audit)"),
 )
 PAIRED_HEADER = ["split", "difference", "seeds", "mean diff (points)", "std of diffs",
@@ -480,7 +492,8 @@ def audit_note(audited):
     """What the audit table's columns mean, with the masks and logit map size it used."""
     return (f"Blanked with the {audited.get('blank_masks')} masks: cell-only = outside painted one "
             "shared colour, background-only = the cell (grown a few px) painted the image's mean "
-            "background; 'keeps pred': as on the full image. CAM share: of the predicted class's "
+            "background; 'keeps pred': as on the full image, raw and as Cohen's kappa (0: chance, "
+            "given each view's class shares). CAM share: of the predicted class's "
             f"positive {audited.get('logit_map')} logit map, upsampled, inside the mask (a uniform "
             "map scores the mask area).")
 

@@ -595,3 +595,18 @@ def test_report_names_a_damaged_metrics_json(tmp_path):
     (run / "metrics.json").write_text("{bad")
     with pytest.raises(sweep_report.DataError, match="metrics.json: not valid JSON"):
         sweep_report.main([str(tmp_path), "--no-figures"])
+
+
+def test_audit_reports_chance_corrected_agreement(tiny_sweep):
+    """Raw 'keeps pred' has no chance baseline: the audit adds Cohen's kappa and the classes the
+    model falls back on when it sees only background."""
+    _, out, _, _, _, _, saved = tiny_sweep
+    for r in saved["classifiers"]:
+        audit = r["audit"]
+        counts = audit["background_only_predicted"]
+        assert sum(counts) == audit["n"]
+        assert audit["background_only_top_share"] == pytest.approx(max(counts) / audit["n"])
+        assert -1 <= audit["background_only_kappa"] <= 1
+        assert -1 <= audit["cell_only_kappa"] <= 1
+    text = (out / "results.md").read_text()
+    assert "background-only kappa" in text and "Cohen's kappa" in text
