@@ -30,16 +30,15 @@ def center_weights(h, w, device=None):
     d = torch.sqrt(ys[:, None] ** 2 + xs ** 2)          # (h, w)
     d_max = d[0, 0]
     if (d == d_max).all():  # 1x1, 1x2, 2x2: every pixel a corner, none nearer the centre
-        return torch.ones(h, w, device=device)
+        return torch.ones_like(d)
     weight = 1 - d / d_max
     return weight / weight.mean()
 
 
 def center_bce(logits, target):
     """mean(w * BCE) with w = center_weights(H, W). logits, target: (B, 1, H, W)."""
-    h, w = logits.shape[-2:]
     per_pixel = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
-    weight = center_weights(h, w, device=logits.device)                      # (H, W)
+    weight = center_weights(*logits.shape[-2:], device=logits.device)       # (H, W)
     return (per_pixel * weight).mean()
 
 
@@ -73,7 +72,7 @@ def mask_weighted_ce(logit_map, labels, mask, alpha, class_w=None, all_sum=None)
     ce = F.cross_entropy(logit_map.float(), targets, reduction="none")       # (B, h, w)
     weight_sum = weight.sum((1, 2))                            # (B,)
     per_sample = (weight * ce).sum((1, 2)) / weight_sum.clamp_min(1e-12)     # (B,)
-    kept = sample_weights(labels, class_w) * (weight_sum > 0)  # a weightless sample counts 0
+    kept = sample_weights(labels, class_w) * (weight_sum > 0)  # 0/0 loss: out of the mean
     n_empty = (weight_sum <= 0).sum()
     return share_of_mean(per_sample, kept, all_sum), n_empty
 
@@ -81,7 +80,7 @@ def mask_weighted_ce(logit_map, labels, mask, alpha, class_w=None, all_sum=None)
 def sample_weights(labels, class_w):
     """(B,) float: class_w[y] of each sample's class y; all 1 when class_w is None."""
     if class_w is None:
-        return torch.ones(labels.shape, device=labels.device)
+        return torch.ones_like(labels, dtype=torch.float32)
     return class_w[labels].float()
 
 
@@ -151,7 +150,7 @@ def classification_metrics(confusion, classes):
     support = conf.sum(1)      # (C,) true samples of each class
     predicted = conf.sum(0)    # (C,) predictions of each class
     correct = conf.diag()      # (C,)
-    total = support.sum().item()
+    total = int(support.sum())
     if total == 0:
         raise ValueError("classification_metrics: empty confusion matrix")
     # a class never true (or never predicted) has correct = 0: its clamped ratio is 0, not 0/0
@@ -163,16 +162,19 @@ def classification_metrics(confusion, classes):
     errors = 1 - recall
     accuracy = correct.sum().item() / total
     return {
-        "n": int(total),
+        "n": total,
         "accuracy": accuracy,
         "weighted_mean_error": 1 - accuracy,
-        "per_class_error": {c: errors[i].item() if has[i] else None for i, c in enumerate(classes)},
+        "per_class_error": {
+            c: errors[i].item() if has[i] else None   # None: no true sample to be wrong about
+            for i, c in enumerate(classes)
+        },
         "per_class_error_std": errors[has].std(unbiased=False).item(),
         "balanced_accuracy": recall[has].mean().item(),
         "macro_f1": f1[occurs].mean().item(),
         "majority_baseline": support.max().item() / total,
         "support": dict(zip(classes, support.long().tolist())),
-        "confusion": confusion.long().tolist(),
+        "confusion": confusion.long().tolist()
     }
 
 
@@ -184,7 +186,7 @@ def mask_counts(pred, target):
         (pred & target).sum(),     # tp
         (pred & ~target).sum(),    # fp
         (~pred & target).sum(),    # fn
-        (~pred & ~target).sum(),   # tn
+        (~pred & ~target).sum()    # tn
     ])
 
 
@@ -193,7 +195,7 @@ def mask_metrics(counts):
     Pooled: the counts are summed over every pixel of every image, so a large cell weighs more
     than a small one (mean_image_dice weighs each image once). IoU and Dice are 1 when neither
     prediction nor truth has a cell pixel."""
-    tp, fp, fn, tn = (float(c) for c in counts)
+    tp, fp, fn, tn = map(float, counts)
     total = tp + fp + fn + tn
     if total == 0:
         raise ValueError("mask_metrics: no pixels counted")
@@ -201,7 +203,7 @@ def mask_metrics(counts):
     return {
         "pixel_error": (fp + fn) / total,
         "iou": tp / union if union else 1.0,
-        "dice": 2 * tp / (tp + union) if union else 1.0,   # 2 tp / (2 tp + fp + fn)
+        "dice": 2 * tp / (tp + union) if union else 1.0   # 2 tp / (2 tp + fp + fn)
     }
 
 
@@ -229,9 +231,9 @@ def rrr_penalty(logits, x, outside, has_mask):
     its graph (create_graph=True), so the penalty itself trains the model (double backprop)."""
     log_p = F.log_softmax(logits.float(), dim=1).sum()
     grad = torch.autograd.grad(log_p, x, create_graph=True)[0]   # (B, 3, H, W)
-    per_image = ((outside * grad) ** 2).sum(dim=(1, 2, 3))       # (B,)
-    count = has_mask.sum().clamp_min(1)
-    return (per_image * has_mask).sum() / count
+    looked = outside * grad                                      # where it should not look
+    per_image = (looked ** 2).sum((1, 2, 3))                     # (B,)
+    return share_of_mean(per_image, has_mask.float())            # images without a mask weigh 0
 
 
 def cohen_kappa(first, second, num_classes):
@@ -240,10 +242,10 @@ def cohen_kappa(first, second, num_classes):
     p_o is the share that agree, p_e the share two independent labelings with these class
     shares would agree by chance. 1: always agree; 0: chance; a model that says one class on
     every image scores 0 whatever its raw agreement. Two identical constant labelings give 1."""
-    table = confusion_matrix(first, second, num_classes).double()
-    n = table.sum()
-    observed = table.trace() / n
-    chance = (table.sum(0) * table.sum(1)).sum() / n ** 2
+    counts = confusion_matrix(first, second, num_classes).double()   # (C, C)
+    shares = counts / counts.sum()
+    observed = shares.trace()
+    chance = shares.sum(0) @ shares.sum(1)   # Σ_c P(first says c) P(second says c)
     if chance == 1:   # one class in both labelings: agreement is certain, not 0/0
         return 1.0
     return ((observed - chance) / (1 - chance)).item()
@@ -271,22 +273,24 @@ def fit_temperature(logits, labels, steps=100):
 
 
 def calibration_metrics(probs, labels, bins=15):
-    """NLL, Brier score and expected calibration error of probabilities (N, C) against labels (N,).
+    """NLL, Brier score and expected calibration error of probabilities (N, C) against labels
+    (N,).
 
     ECE: the images fall into `bins` equal-width bins of their top probability; each bin adds
     its share of images times |accuracy - mean top probability| (Guo et al. 2017)."""
     probs = probs.double()
     nll = F.nll_loss(probs.clamp_min(1e-12).log(), labels)   # mean -log p of the true class
-    one_hot = F.one_hot(labels, probs.shape[1]).double()       # (N, C)
+    one_hot = F.one_hot(labels, probs.shape[1])                # (N, C)
     brier = ((probs - one_hot) ** 2).sum(1).mean()
     confidence, predicted = probs.max(1)
     correct = (predicted == labels).double()
-    which = (confidence * bins).ceil().long().clamp(1, bins) - 1   # bin b holds (b/bins, (b+1)/bins]
+    which = (confidence * bins).ceil().long().clamp(1, bins) - 1   # b holds (b/bins, (b+1)/bins]
     # a bin's share n_b / N times |its accuracy - its mean confidence| is |its summed gap| / N
-    gaps = torch.zeros(bins, dtype=torch.float64).index_add(0, which, correct - confidence)
-    ece = gaps.abs().sum() / len(labels)
+    gap = correct - confidence                                 # (N,)
+    gap_per_bin = correct.new_zeros(bins).index_add(0, which, gap)   # (bins,) summed gaps
+    ece = gap_per_bin.abs().sum() / len(labels)
     return {
         "nll": nll.item(),
         "brier": brier.item(),
-        "ece": ece.item(),
+        "ece": ece.item()
     }
