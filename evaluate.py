@@ -153,14 +153,13 @@ def evaluate_masker(model, ckpt, folder, size, autocast, args):
 def compare_mask_folders(pred_dir, true_dir, size):
     """Every true mask against the predicted mask of the same <Class>/<stem>, both decoded at
     `size`: mask_report's scores, printed."""
-    paths, labels, classes, _ = scan_folder(true_dir)
-    keys = [(classes[y], path.stem) for path, y in zip(paths, labels)]   # <Class>/<stem>
+    paths = scan_folder(true_dir)[0]   # <Class>/<stem>.<ext>
     predicted = {(path.parent.name, path.stem): path for path in Path(pred_dir).glob("*/*.png")}
-    missing = [str(path) for path, key in zip(paths, keys) if key not in predicted]
+    missing = [str(path) for path in paths if (path.parent.name, path.stem) not in predicted]
     if missing:
         raise DataError(f"{pred_dir}: no predicted mask for {len(missing)} true mask(s), "
                         f"e.g. {missing[0]}")
-    files = [predicted[key] for key in keys] + paths   # predicted, then true: one decode
+    files = [predicted[path.parent.name, path.stem] for path in paths] + paths   # then the true
     masks, _, bad = decode_all("mask", files, size)
     if bad:
         raise DataError(f"unreadable masks: {[str(files[i]) for i in bad]}")
