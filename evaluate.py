@@ -94,10 +94,10 @@ def evaluate_classifier(model, ckpt, folder, size, autocast, args):
     run = ckpt["args"]
     classes = ckpt["classes"]
     channel = run.get("mask_mode") == "channel"   # the mask is a 4th input channel
-    own = None   # the run's own validation images, the only ones its masks/val fit
+    own = None   # the run's own validation images: the only ones its MASKS/val are drawn for
     if "data" in run:
         own = (Path(run["data"]) / "WBC_100" / "val" / "data").resolve()
-    if channel and not args.mask_dir and folder.resolve() != own:   # stems could match: say so
+    if channel and not args.mask_dir and folder.resolve() != own:   # same stems would fit silently
         raise SystemExit(f"--data {args.data}: a mask-channel classifier needs masks of these "
                          "images: give --mask-dir")
     masks = Path(args.mask_dir or Path(run.get("masks", "masks")) / "val")
@@ -107,9 +107,9 @@ def evaluate_classifier(model, ckpt, folder, size, autocast, args):
                         f"of {folder}")
     white = run.get("white_balance", False)   # as the model was trained
     logits = infer(model, data.images, data.masks, args.batch_size, args.device, autocast,
-                   channel, white)
-    metrics = classification_metrics(confusion_matrix(data.labels, logits.argmax(1), len(classes)),
-                                     classes)
+                   channel, white)                                # (N, C)
+    confusion = confusion_matrix(data.labels, logits.argmax(1), len(classes))
+    metrics = classification_metrics(confusion, classes)
     print(f"{args.checkpoint} on {folder} ({len(data)} images)")
     print_classification(metrics, classes)
     return metrics | {"data": str(folder)}
