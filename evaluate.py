@@ -19,7 +19,10 @@ from losses import (classification_metrics, confusion_matrix, mask_counts, mask_
 from resnet_cls import ResNetClassifier
 from unet import UNet
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # pick_amp -> dtype
+# the classifier's summary line, filled from classification_metrics()
+SUMMARY = ("accuracy {accuracy:.2%} | balanced accuracy {balanced_accuracy:.2%} | "
+           "macro F1 {macro_f1:.3f} | majority baseline {majority_baseline:.2%}")
 
 
 def parse_args(argv=None):
@@ -115,10 +118,6 @@ def evaluate_classifier(model, ckpt, folder, size, autocast, args):
     return metrics | {"data": str(folder)}
 
 
-SUMMARY = ("accuracy {accuracy:.2%} | balanced accuracy {balanced_accuracy:.2%} | "
-           "macro F1 {macro_f1:.3f} | majority baseline {majority_baseline:.2%}")
-
-
 def print_classification(metrics, classes):
     """The report's per-class error table, then the summary and the confusion matrix."""
     print(f"{'class':<12} {'n':>6} {'error':>8}")
@@ -211,6 +210,7 @@ def main(argv=None):
         device = torch.device(args.device)
         model = model.to(device, memory_format=torch.channels_last)
         amp = pick_amp(device)   # this device's rule, whatever the run trained with
+        # no gradients to underflow in inference: fp16 needs no grad scaler here
         autocast = torch.autocast(device.type, AMP_DTYPES[amp], enabled=amp != "off")
         # 4. score
         if kind == "classifier":
