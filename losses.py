@@ -2,11 +2,14 @@
 and test_losses.py checks each by hand on tiny tensors.
 
 The report's two losses:
-    center_bce(logits, target)                     masker: mean(w * BCE), w = 1 - d/d_max rescaled to mean 1
-    mask_weighted_ce(L, y, mask, alpha, class_w)   classifier: CE at every location of the logit map L
-                                                   (B, C, h, w), weighted by (a1*mask + a2)
-Baselines: bce (plain BCE), weighted_ce (CE of the pooled logits), class_weights (1/count, --balance).
+    center_bce(logits, target)       masker: mean(w * BCE), w = 1 - d/d_max rescaled to mean 1
+    mask_weighted_ce(L, y, mask, alpha, class_w)
+                                     classifier: CE at every location of the logit map L
+                                     (B, C, h, w), weighted by (a1*mask + a2)
+Baselines: bce (plain BCE), weighted_ce (CE of the pooled logits), class_weights (1/count,
+--balance).
 Metrics: confusion_matrix, classification_metrics, mask_counts, mask_metrics, mean_image_dice.
+Guidance and audit: rrr_penalty, cohen_kappa. Calibration: fit_temperature, calibration_metrics.
 """
 import math
 
@@ -22,12 +25,12 @@ def center_weights(h, w, device=None):
     d is the distance from a pixel centre to the image centre, d_max that of a corner pixel,
     so the corner pixels weigh 0 and the centre, where the cell sits, weighs most.
     """
-    ys = torch.arange(h, device=device, dtype=torch.float32) + 0.5 - h / 2
-    xs = torch.arange(w, device=device, dtype=torch.float32) + 0.5 - w / 2
-    d = torch.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2)
+    ys = torch.arange(h, device=device) + 0.5 - h / 2   # (h,) float: pixel centre to image centre
+    xs = torch.arange(w, device=device) + 0.5 - w / 2   # (w,)
+    d = torch.sqrt(ys[:, None] ** 2 + xs ** 2)          # (h, w)
     d_max = d[0, 0]
     if (d == d_max).all():  # 1x1, 1x2, 2x2: every pixel a corner, none nearer the centre
-        return torch.ones(h, w, device=device)
+        return torch.ones_like(d)
     weight = 1 - d / d_max
     return weight / weight.mean()
 
@@ -35,16 +38,18 @@ def center_weights(h, w, device=None):
 def center_bce(logits, target):
     """mean(w * BCE) with w = center_weights(H, W). logits, target: (B, 1, H, W)."""
     per_pixel = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
-    return (per_pixel * center_weights(*logits.shape[-2:], device=logits.device)).mean()
+    weight = center_weights(*logits.shape[-2:], device=logits.device)       # (H, W)
+    return (per_pixel * weight).mean()
 
 
 def check_alpha(a1, a2):
-    """None if w = a1*m + a2 is finite, >= 0 for every m in [0, 1] and not always 0; else what is wrong."""
+    """None if w = a1*m + a2 is finite, >= 0 for every m in [0, 1] and not always 0; else what
+    is wrong."""
     if not (math.isfinite(a1) and math.isfinite(a2)):
         return f"alpha ({a1:g}, {a2:g}): must be finite numbers"
-    if a2 < 0 or a1 + a2 < 0:
-        return (f"alpha ({a1:g}, {a2:g}) gives negative weights (a1*m + a2 must be >= 0 for every m in [0, 1]: "
-                f"need a2 >= 0 and a1 + a2 >= 0)")
+    if a2 < 0 or a1 + a2 < 0:   # w is linear in m: its ends m = 0 and m = 1 bound it
+        return (f"alpha ({a1:g}, {a2:g}) gives negative weights (a1*m + a2 must be >= 0 for "
+                f"every m in [0, 1]: need a2 >= 0 and a1 + a2 >= 0)")
     if a1 == 0 and a2 == 0:
         return "alpha (0, 0) weighs every location 0: nothing would be learned"
     return None
@@ -61,23 +66,29 @@ def mask_weighted_ce(logit_map, labels, mask, alpha, class_w=None, all_sum=None)
     this process's share, its numerator over the denominator of the whole batch.
     """
     a1, a2 = alpha
-    b, _, h, w = logit_map.shape
-    m = F.adaptive_avg_pool2d(mask.float(), (h, w))[:, 0]           # (B, h, w) cell fraction
-    weight = a1 * m + a2                                            # (B, h, w)
-    ce = F.cross_entropy(logit_map.float(), labels[:, None, None].expand(b, h, w),
-                         reduction="none")                          # (B, h, w)
-    weight_sum = weight.sum((1, 2))                                 # (B,)
-    per_sample = (weight * ce).sum((1, 2)) / weight_sum.clamp_min(1e-12)
-    sample_w = torch.ones_like(per_sample) if class_w is None else class_w[labels].float()
-    sample_w = sample_w * (weight_sum > 0)
-    return share_of_mean(per_sample, sample_w, all_sum), (weight_sum <= 0).sum()
+    cell = F.adaptive_avg_pool2d(mask.float(), logit_map.shape[-2:])[:, 0]   # (B, h, w) fraction
+    weight = a1 * cell + a2                                    # (B, h, w)
+    targets = labels[:, None, None].expand_as(weight)          # (B, h, w) the image's label
+    ce = F.cross_entropy(logit_map.float(), targets, reduction="none")       # (B, h, w)
+    weight_sum = weight.sum((1, 2))                            # (B,)
+    per_sample = (weight * ce).sum((1, 2)) / weight_sum.clamp_min(1e-12)     # (B,)
+    kept = sample_weights(labels, class_w) * (weight_sum > 0)  # 0/0 loss: out of the mean
+    n_empty = (weight_sum <= 0).sum()
+    return share_of_mean(per_sample, kept, all_sum), n_empty
+
+
+def sample_weights(labels, class_w):
+    """(B,) float: class_w[y] of each sample's class y; all 1 when class_w is None."""
+    if class_w is None:
+        return torch.ones_like(labels, dtype=torch.float32)
+    return class_w[labels].float()
 
 
 def share_of_mean(values, weights, all_sum=None):
     """Σ weights·values / Σ weights, the denominator summed by all_sum over every process
     (None: this batch alone). Summed over the processes, the shares give the whole batch's
     weighted mean; a denominator of 0 gives 0."""
-    denominator = weights.sum().detach()                            # no gradient flows through it
+    denominator = weights.sum().detach()   # a normaliser, not something to learn from
     if all_sum is not None:
         denominator = all_sum(denominator)
     return (weights * values).sum() / denominator.clamp_min(1e-12)
@@ -94,13 +105,13 @@ MASKER_LOSSES = {"bce": bce, "center": center_bce}
 
 
 def weighted_ce(logits, labels, class_w=None, all_sum=None):
-    """Cross-entropy of the pooled logits (B, C), each sample weighted by class_w[y] and normalised by the
-    sum of those weights: the no-mask baseline. Not mask_weighted_ce at alpha (0, 1): that is the mean of
-    the per-location CE, which equals this only for a 1x1 logit map (a mean of CEs is not the CE of the
-    mean logits). all_sum: as in mask_weighted_ce (this process's share of the batch's loss)."""
-    per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
-    sample_w = torch.ones_like(per_sample) if class_w is None else class_w[labels].float()
-    return share_of_mean(per_sample, sample_w, all_sum)
+    """Cross-entropy of the pooled logits (B, C), each sample weighted by class_w[y] and
+    normalised by the sum of those weights: the no-mask baseline. Not mask_weighted_ce at
+    alpha (0, 1): that is the mean of the per-location CE, which equals this only for a 1x1
+    logit map (a mean of CEs is not the CE of the mean logits). all_sum: as in
+    mask_weighted_ce (this process's share of the batch's loss)."""
+    per_sample = F.cross_entropy(logits.float(), labels, reduction="none")   # (B,)
+    return share_of_mean(per_sample, sample_weights(labels, class_w), all_sum)
 
 
 def class_weights(counts):
@@ -122,8 +133,9 @@ def class_weights(counts):
 
 def confusion_matrix(labels, preds, num_classes):
     """(C, C) int64 counts; rows are true classes, columns predictions."""
-    idx = labels.long().cpu() * num_classes + preds.long().cpu()
-    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    cell = labels.long().cpu() * num_classes + preds.long().cpu()   # (N,) row-major cell index
+    counts = torch.bincount(cell, minlength=num_classes ** 2)
+    return counts.reshape(num_classes, num_classes)
 
 
 def classification_metrics(confusion, classes):
@@ -135,36 +147,47 @@ def classification_metrics(confusion, classes):
     macro_f1 averages over classes that occur as truth or prediction (as scikit-learn does).
     """
     conf = confusion.double()
-    support, predicted, correct = conf.sum(1), conf.sum(0), conf.diag()
-    total = support.sum().item()
+    support = conf.sum(1)      # (C,) true samples of each class
+    predicted = conf.sum(0)    # (C,) predictions of each class
+    correct = conf.diag()      # (C,)
+    total = int(support.sum())
     if total == 0:
         raise ValueError("classification_metrics: empty confusion matrix")
+    # a class never true (or never predicted) has correct = 0: its clamped ratio is 0, not 0/0
+    recall = correct / support.clamp_min(1)
+    precision = correct / predicted.clamp_min(1)
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
     has = support > 0
-    recall = torch.where(has, correct / support.clamp_min(1), torch.zeros_like(correct))
-    precision = torch.where(predicted > 0, correct / predicted.clamp_min(1), torch.zeros_like(correct))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12),
-                     torch.zeros_like(correct))
     occurs = has | (predicted > 0)
-    errors = 1 - recall[has]
+    errors = 1 - recall
+    accuracy = correct.sum().item() / total
     return {
-        "n": int(total),
-        "accuracy": correct.sum().item() / total,
-        "weighted_mean_error": 1 - correct.sum().item() / total,
-        "per_class_error": {c: (1 - recall[i].item()) if has[i] else None for i, c in enumerate(classes)},
-        "per_class_error_std": errors.std(unbiased=False).item(),
+        "n": total,
+        "accuracy": accuracy,
+        "weighted_mean_error": 1 - accuracy,
+        "per_class_error": {
+            c: errors[i].item() if has[i] else None   # None: no true sample to be wrong about
+            for i, c in enumerate(classes)
+        },
+        "per_class_error_std": errors[has].std(unbiased=False).item(),
         "balanced_accuracy": recall[has].mean().item(),
         "macro_f1": f1[occurs].mean().item(),
         "majority_baseline": support.max().item() / total,
-        "support": {c: int(support[i]) for i, c in enumerate(classes)},
-        "confusion": confusion.long().tolist(),
+        "support": dict(zip(classes, support.long().tolist())),
+        "confusion": confusion.long().tolist()
     }
 
 
 def mask_counts(pred, target):
     """(4,) int64 [tp, fp, fn, tn] of the cell class; pred, target: bool tensors of one shape."""
-    pred, target = pred.bool(), target.bool()
-    return torch.stack([(pred & target).sum(), (pred & ~target).sum(),
-                        (~pred & target).sum(), (~pred & ~target).sum()])
+    pred = pred.bool()
+    target = target.bool()
+    return torch.stack([
+        (pred & target).sum(),     # tp
+        (pred & ~target).sum(),    # fp
+        (~pred & target).sum(),    # fn
+        (~pred & ~target).sum()    # tn
+    ])
 
 
 def mask_metrics(counts):
@@ -172,24 +195,27 @@ def mask_metrics(counts):
     Pooled: the counts are summed over every pixel of every image, so a large cell weighs more
     than a small one (mean_image_dice weighs each image once). IoU and Dice are 1 when neither
     prediction nor truth has a cell pixel."""
-    tp, fp, fn, tn = (float(c) for c in counts)
+    tp, fp, fn, tn = map(float, counts)
     total = tp + fp + fn + tn
     if total == 0:
         raise ValueError("mask_metrics: no pixels counted")
     union = tp + fp + fn
-    return {"pixel_error": (fp + fn) / total,
-            "iou": tp / union if union else 1.0,
-            "dice": 2 * tp / (2 * tp + fp + fn) if union else 1.0}
+    return {
+        "pixel_error": (fp + fn) / total,
+        "iou": tp / union if union else 1.0,
+        "dice": 2 * tp / (tp + union) if union else 1.0   # 2 tp / (2 tp + fp + fn)
+    }
 
 
 def mean_image_dice(pred, target):
     """The mean over images of each image's Dice of the cell class (the usual figure in
     segmentation papers); pred, target: bool (N, ...) tensors of one shape. An image with a cell
     pixel in neither counts 1, as in mask_metrics. A plain float."""
-    pred, target = pred.bool().flatten(1), target.bool().flatten(1)   # (N, P)
-    tp = (pred & target).sum(1).double()
-    both = pred.sum(1).double() + target.sum(1).double()               # 2 tp + fp + fn
-    dice = torch.where(both > 0, 2 * tp / both.clamp_min(1), torch.ones_like(tp))
+    pred = pred.bool().flatten(1)                                  # (N, P)
+    target = target.bool().flatten(1)                              # (N, P)
+    tp = (pred & target).sum(1).double()                           # (N,)
+    both = (pred.sum(1) + target.sum(1)).double()                 # (N,) 2 tp + fp + fn
+    dice = torch.where(both > 0, 2 * tp / both.clamp_min(1), 1.0)  # (N,)
     return dice.mean().item()
 
 
@@ -204,10 +230,10 @@ def rrr_penalty(logits, x, outside, has_mask):
     of (outside * d(sum_c log p_c)/dx)^2; the mean over the images with a mask. The gradient keeps
     its graph (create_graph=True), so the penalty itself trains the model (double backprop)."""
     log_p = F.log_softmax(logits.float(), dim=1).sum()
-    grad = torch.autograd.grad(log_p, x, create_graph=True)[0]
-    per_image = ((outside * grad) ** 2).sum(dim=(1, 2, 3))
-    count = has_mask.sum().clamp_min(1)
-    return (per_image * has_mask).sum() / count
+    grad = torch.autograd.grad(log_p, x, create_graph=True)[0]   # (B, 3, H, W)
+    looked = outside * grad                                      # where it should not look
+    per_image = (looked ** 2).sum((1, 2, 3))                     # (B,)
+    return share_of_mean(per_image, has_mask.float())            # images without a mask weigh 0
 
 
 def cohen_kappa(first, second, num_classes):
@@ -216,11 +242,11 @@ def cohen_kappa(first, second, num_classes):
     p_o is the share that agree, p_e the share two independent labelings with these class
     shares would agree by chance. 1: always agree; 0: chance; a model that says one class on
     every image scores 0 whatever its raw agreement. Two identical constant labelings give 1."""
-    table = confusion_matrix(first, second, num_classes).double()
-    n = table.sum()
-    observed = table.trace() / n
-    chance = (table.sum(0) * table.sum(1)).sum() / n ** 2
-    if chance == 1:
+    counts = confusion_matrix(first, second, num_classes).double()   # (C, C)
+    shares = counts / counts.sum()
+    observed = shares.trace()
+    chance = shares.sum(0) @ shares.sum(1)   # Σ_c P(first says c) P(second says c)
+    if chance == 1:   # one class in both labelings: agreement is certain, not 0/0
         return 1.0
     return ((observed - chance) / (1 - chance)).item()
 
@@ -247,22 +273,24 @@ def fit_temperature(logits, labels, steps=100):
 
 
 def calibration_metrics(probs, labels, bins=15):
-    """NLL, Brier score and expected calibration error of probabilities (N, C) against labels (N,).
+    """NLL, Brier score and expected calibration error of probabilities (N, C) against labels
+    (N,).
 
     ECE: the images fall into `bins` equal-width bins of their top probability; each bin adds
     its share of images times |accuracy - mean top probability| (Guo et al. 2017)."""
     probs = probs.double()
-    picked = probs[torch.arange(len(labels)), labels]
-    nll = -picked.clamp_min(1e-12).log().mean()
-    one_hot = F.one_hot(labels, probs.shape[1]).double()
+    nll = F.nll_loss(probs.clamp_min(1e-12).log(), labels)   # mean -log p of the true class
+    one_hot = F.one_hot(labels, probs.shape[1])                # (N, C)
     brier = ((probs - one_hot) ** 2).sum(1).mean()
     confidence, predicted = probs.max(1)
     correct = (predicted == labels).double()
-    which = (confidence * bins).ceil().long().clamp(1, bins) - 1   # bin b holds (b/bins, (b+1)/bins]
-    ece = torch.zeros((), dtype=torch.float64)
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            gap = (correct[inside].mean() - confidence[inside].mean()).abs()
-            ece += inside.double().mean() * gap
-    return {"nll": nll.item(), "brier": brier.item(), "ece": ece.item()}
+    which = (confidence * bins).ceil().long().clamp(1, bins) - 1   # b holds (b/bins, (b+1)/bins]
+    # a bin's share n_b / N times |its accuracy - its mean confidence| is |its summed gap| / N
+    gap = correct - confidence                                 # (N,)
+    gap_per_bin = correct.new_zeros(bins).index_add(0, which, gap)   # (bins,) summed gaps
+    ece = gap_per_bin.abs().sum() / len(labels)
+    return {
+        "nll": nll.item(),
+        "brier": brier.item(),
+        "ece": ece.item()
+    }
