@@ -29,7 +29,8 @@ LUMA = (0.299, 0.587, 0.114)   # ITU-R 601 weights of R, G, B in brightness
 YIQ = (LUMA, (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))   # RGB -> luma and two chroma axes
 CACHE_VERSION = 3   # bump when decoding changes, so stale caches are not reused
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")   # 16-bit and 32-bit grey
-# This process's folder lock: one run per process at a time (a later one, in a test, drops the last's).
+# This process's folder lock: one run per process at a time (a later one, in a test, drops the
+# last's).
 HELD = []
 
 
@@ -52,7 +53,7 @@ def wbc_dirs(root, split):
         "val_data": val / "data",
         "val_mask": val / "mask",
     }
-    for need in (dirs["train_data"], dirs["val_data"]):
+    for need in (train / "data", val / "data"):
         if not need.is_dir():
             raise DataError(f"{need}: folder not found "
                             "(expected ROOT/WBC_<split>/train/data/<Class>/, ROOT/WBC_100/val)")
@@ -149,7 +150,7 @@ def mask_root(root, data):
 def wide_to_8bit(a):
     """16/32-bit grey -> 0..255 float by the smallest bit depth (>= 8) holding the max: 12-bit data
     fills 8 bits."""
-    peak = float(max(0.0, np.nanmax(a, initial=0.0)))
+    peak = np.nanmax(a, initial=0.0)   # initial: never below 0
     bits = max(8, int(np.ceil(np.log2(peak + 1))))
     return np.clip(a / (2.0 ** bits - 1) * 255, 0, 255)
 
@@ -168,15 +169,15 @@ def decode_image(path, size):
     with Image.open(path) as im:
         check_pixels(im)
         w, h = im.size
-        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # EXIF orientations that turn by 90 degrees
-            w, h = im.size[::-1]
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # EXIF orientations of a quarter turn
+            w, h = h, w
         im.draft("RGB", (size, size))   # JPEG: libjpeg decodes at 1/2, 1/4.. scale, much faster
         im = ImageOps.exif_transpose(im)
         if im.mode in WIDE_MODES:
             grey = wide_to_8bit(np.asarray(im, dtype=np.float64))
             im = Image.fromarray((grey + 0.5).astype(np.uint8))
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            white = Image.new("RGBA", im.size, "white")
             im = Image.alpha_composite(white, im.convert("RGBA"))
         rgb = im.convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=3.0)
         return np.asarray(rgb), (w, h)
@@ -208,7 +209,7 @@ def decode_mask(path, size):
             alpha = np.asarray(im.convert("RGBA"))[..., 3]
             cell = cell & (alpha >= 64)
     small = Image.fromarray(cell.astype(np.uint8)).resize((size, size), Image.NEAREST)
-    return np.asarray(small), (cell.shape[1], cell.shape[0])
+    return np.asarray(small), cell.shape[::-1]
 
 
 def decode_one(job):
@@ -237,7 +238,8 @@ def fingerprint(paths, extra=""):
 
 
 def decode_files(kind, paths, size):
-    """(N, C, S, S) uint8 (C: 3 images, 1 masks), [(w, h) or None], {index: why} unreadable."""
+    """Decode every file once: (N, C, S, S) uint8 (C: 3 images, 1 masks), the original (w, h)
+    sizes (None: unreadable), {index: why} of the unreadable files."""
     channels = 3 if kind == "image" else 1
     out = np.zeros((len(paths), channels, size, size), np.uint8)
     shapes = [None] * len(paths)
@@ -253,42 +255,27 @@ def decode_files(kind, paths, size):
     return out, shapes, bad
 
 
-def read_cache(prefix, log):
-    """decode_files()'s result saved at <prefix>.npy/.json, or None when it is unreadable."""
-    try:
-        meta = json.loads(Path(f"{prefix}.json").read_text())
-        out = np.load(f"{prefix}.npy")
-        shapes = [s and tuple(s) for s in meta[0]]   # JSON made each (w, h) a list; None stays
-        return out, shapes, dict(meta[1])
-    except (OSError, ValueError, LookupError, TypeError, EOFError) as e:   # truncated by a kill
-        log(f"decode cache {prefix}.npy unreadable ({type(e).__name__}); decoding again")
-    return None
-
-
-def write_cache(prefix, out, shapes, bad, log):
-    """Save decode_files()'s result at <prefix>.npy/.json. A cache is a speed-up: a read-only or
-    full disk only costs time."""
+def decode_all(kind, paths, size, cache_dir=None, log=print):
+    """decode_files() with a cache: the arrays of these files are saved in `cache_dir` once and
+    read back in later runs. A cache is a speed-up: a read-only or full disk only costs time."""
+    if not cache_dir or not paths:   # without a cache, no file is hashed
+        return decode_files(kind, paths, size)
+    prefix = Path(cache_dir) / f"{kind}-{fingerprint(paths, f'{kind} {size}')}"
+    if Path(f"{prefix}.json").exists():
+        try:
+            meta = json.loads(Path(f"{prefix}.json").read_text())
+            out = np.load(f"{prefix}.npy")
+            shapes = [s and tuple(s) for s in meta[0]]   # JSON made each (w, h) a list
+            return out, shapes, dict(meta[1])
+        except (OSError, ValueError, LookupError, TypeError, EOFError) as e:   # truncated by a kill
+            log(f"decode cache {prefix}.npy unreadable ({type(e).__name__}); decoding again")
+    out, shapes, bad = decode_files(kind, paths, size)
     meta = json.dumps([shapes, list(bad.items())]).encode()
     try:
         atomic_write(f"{prefix}.npy", lambda f: np.save(f, out))
         atomic_write(f"{prefix}.json", lambda f: f.write(meta))
     except DataError as e:
         log(f"warning: no decode cache ({e}); going on without it")
-
-
-def decode_all(kind, paths, size, cache_dir=None, log=print):
-    """Decode every file once: (N, C, S, S) uint8 (C: 3 images, 1 masks), (w, h) sizes,
-    {index: why} unreadable; from the cache in `cache_dir` when it holds these files."""
-    if not cache_dir or not paths:   # without a cache, no file is hashed
-        return decode_files(kind, paths, size)
-    prefix = Path(cache_dir) / f"{kind}-{fingerprint(paths, f'{kind} {size}')}"
-    cached = None
-    if Path(f"{prefix}.json").exists():
-        cached = read_cache(prefix, log)
-    if cached is not None:
-        return cached
-    out, shapes, bad = decode_files(kind, paths, size)
-    write_cache(prefix, out, shapes, bad, log)
     return out, shapes, bad
 
 
@@ -321,9 +308,14 @@ class ImageSet:
                         sizes, self.classes, self.fingerprint)
 
 
-def listing(paths, bad):
-    """One line per unreadable file: bad {index: why} of `paths`."""
-    return "".join(f"\n  {paths[i]}: {why}" for i, why in sorted(bad.items()))
+def report_bad(kind, paths, bad, skip_bad, log):
+    """Stop on unreadable files (bad: {index: why} of `paths`) or, with skip_bad, log them; either
+    way one line names each file."""
+    listing = "".join(f"\n  {paths[i]}: {why}" for i, why in sorted(bad.items()))
+    if not skip_bad:
+        raise DataError(f"{len(bad)} unreadable {kind} file(s) (fix or remove them, or pass "
+                        f"--skip-bad):{listing}")
+    log(f"skipped {len(bad)} unreadable {kind} file(s):{listing}")
 
 
 def match_masks(paths, labels, classes, mask_dirs, log):
@@ -352,13 +344,12 @@ def load_masks(mask_paths, bad, shapes, size, cache_dir, log):
         return None, has_mask
     wanted = [mask_paths[i] for i in where]
     decoded, mask_shapes, mask_bad = decode_all("mask", wanted, size, cache_dir, log)
-    if mask_bad:
-        log(f"skipped {len(mask_bad)} unreadable mask file(s):{listing(wanted, mask_bad)}")
+    if mask_bad:   # its image has no mask
+        report_bad("mask", wanted, mask_bad, True, log)
     masks = torch.zeros(len(mask_paths), 1, size, size, dtype=torch.uint8)
     masks[where] = torch.from_numpy(decoded)
-    read = [(j, i) for j, i in enumerate(where) if j not in mask_bad]   # (mask row, image row)
-    has_mask[[i for _, i in read]] = True
-    resized = sum(1 for j, i in read if mask_shapes[j] != shapes[i])
+    has_mask[where] = torch.tensor([shape is not None for shape in mask_shapes])   # None: bad
+    resized = sum(shape not in (None, shapes[i]) for shape, i in zip(mask_shapes, where))
     if resized:
         log(f"{resized} mask(s) differ in size from their image: resized with nearest-neighbour")
     return masks, has_mask
@@ -372,11 +363,8 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
     if ignored:
         log(f"{data_dir}: ignored {ignored} hidden or non-image file(s)")
     images, shapes, bad = decode_all("image", paths, size, cache_dir, log)
-    if bad and not skip_bad:
-        raise DataError(f"{len(bad)} unreadable image file(s) (fix or remove them, or pass "
-                        f"--skip-bad):{listing(paths, bad)}")
     if bad:
-        log(f"skipped {len(bad)} unreadable image file(s):{listing(paths, bad)}")
+        report_bad("image", paths, bad, skip_bad, log)
     mask_paths = match_masks(paths, labels, classes, mask_dirs, log)
     masks, has_mask = load_masks(mask_paths, bad, shapes, size, cache_dir, log)
     if len(bad) == len(paths):
@@ -451,13 +439,6 @@ def white_balance(x, share=0.1):
     return (x / background.clamp_min(0.05)[..., None, None]).clamp(0, 1)
 
 
-def normalise(x):
-    """x (B, 3, S, S) in [0, 1] -> ImageNet's mean and std, as the pretrained encoder expects."""
-    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, part=slice(None),
                white=False):
     """Rows `part` of batch `idx` of uint8 images (N, 3, S, S), masks (N, 1, S, S) or None.
@@ -465,9 +446,6 @@ def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, 
     Returns x (B, 3|4: mask_channel, S, S), m (B, 1, S, S) or None; white_balance()d if
     `white`; augmented if `train`, with the whole batch's draws (as one process draws them),
     but only rows `part` are copied to the device and augmented (data parallelism)."""
-    params = None
-    if train:   # every row's draws, so the RNG moves as one process's does
-        params = draw_augment(len(idx), **(aug or {}))
     rows = idx[part]
     x = images[rows].to(device, non_blocking=True).float().div_(255)
     if white:
@@ -475,9 +453,11 @@ def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, 
     m = None
     if masks is not None:
         m = masks[rows].to(device, non_blocking=True).float()
-    if train:
-        x, m = apply_augment(x, m, {name: value[part] for name, value in params.items()})
-    x = normalise(x)
+    if train:   # every row's draws, so the RNG moves as one process's does
+        x, m = augment(x, m, **(aug or {}), n=len(idx), part=part)
+    mean = x.new_tensor(IMAGENET_MEAN)[:, None, None]   # as the pretrained encoder expects
+    std = x.new_tensor(IMAGENET_STD)[:, None, None]
+    x = (x - mean) / std
     if mask_channel:
         x = torch.cat([x, m], dim=1)
     return x.contiguous(memory_format=torch.channels_last), m
@@ -500,121 +480,92 @@ def infer(model, images, masks=None, batch_size=64, device="cpu", autocast=None,
 
 
 # ---------------------------------------------------------------------------- augmentation
-# Each step is a draw (random parameters from torch's CPU RNG, one row per sample, so the same
-# draws on any device and rows of a batch can be augmented apart) and an apply (on x's device).
+# Each step draws its random numbers from torch's CPU RNG for all n samples of the batch (the same
+# draws on any device, and as one process draws them) and applies the rows `part` that x holds.
 
-def draw_crop_flip(b, zoom):
-    """(B, 2, 3) affine matrices: a crop of side in `zoom` (> 1 zooms out), flipped left-right
-    and upside-down, each with probability 1/2."""
-    scale = torch.empty(b).uniform_(*zoom)
-    shift = (torch.rand(b, 2) * 2 - 1) * (1 - scale).clamp_min(0)[:, None]   # crops stay inside
-    flip = torch.where(torch.rand(b, 2) < 0.5, -1.0, 1.0)   # (B, 2): x-flip, y-flip
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = scale * flip[:, 0]
-    theta[:, 1, 1] = scale * flip[:, 1]
-    theta[:, :, 2] = shift
-    return theta
+def symmetric(shape, scale):
+    """Uniform draws in [-scale, scale]."""
+    return (torch.rand(shape) * 2 - 1) * scale
 
 
-def draw_jitter(b, jitter):
-    """(B, 3) brightness, contrast and saturation factors in 1 +- jitter."""
-    factors = 1 + (torch.rand(3, b) * 2 - 1) * jitter
-    return factors.T
+def affine(scale, shift):
+    """scale, shift (B, 2) of x and y -> (B, 2, 3) affine_grid matrices [[sx, 0, tx],
+    [0, sy, ty]]."""
+    return torch.cat([torch.diag_embed(scale), shift[:, :, None]], dim=2)
 
 
-def draw_stain(b, stain):
-    """(B, 3, 3) maps of YIQ colour: the chroma plane turned (hue, up to stain*180 degrees),
-    scaled (saturation x(1 +- stain)) or, with probability stain/4, dropped (grey)."""
-    angle = (torch.rand(b) * 2 - 1) * stain * torch.pi
-    saturation = 1 + (torch.rand(b) * 2 - 1) * stain
-    saturation = torch.where(torch.rand(b) < stain / 4, 0.0, saturation)
-    cos = saturation * angle.cos()
-    sin = saturation * angle.sin()
-    turn = torch.zeros(b, 3, 3)
-    turn[:, 0, 0] = 1   # luma stays
-    turn[:, 1, 1] = cos
-    turn[:, 2, 2] = cos
-    turn[:, 1, 2] = -sin
-    turn[:, 2, 1] = sin
-    return turn
-
-
-def draw_blur(b, blur):
-    """(B, K) Gaussian kernels, each sample with its own sigma <= `blur` px."""
-    radius = max(1, round(2 * blur))
-    sigma = (torch.rand(b) * blur).clamp_min(1e-3)
-    offsets = torch.arange(-radius, radius + 1.0)[None]
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma[:, None] ** 2))
-    return kernel / kernel.sum(1, keepdim=True)
-
-
-def crop_flip(x, m, theta):
-    """x (B, 3, S, S), m (B, 1, S, S) or None, theta (B, 2, 3) -> both cropped and flipped alike."""
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+def batch_crop_flip(x, m, n, part, zoom):
+    """x (B, 3, S, S), m (B, 1, S, S) or None -> both cropped (side in `zoom`, > 1 zooms out) and
+    flipped left-right and upside-down (each with probability 1/2) alike."""
+    scale = torch.empty(n).uniform_(*zoom)
+    shift = symmetric((n, 2), (1 - scale).clamp_min(0)[:, None])   # crops stay inside
+    flip = torch.where(torch.rand(n, 2) < 0.5, -1.0, 1.0)   # (n, 2): x-flip, y-flip
+    theta = affine(scale[:, None] * flip, shift)[part].to(x.device)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if m is not None:   # nearest: the mask stays 0/1
         m = F.grid_sample(m, grid, mode="nearest", padding_mode="reflection", align_corners=False)
     return x, m
 
 
-def colour_jitter(x, factors):
-    """x (B, 3, S, S) in [0, 1], factors (B, 3) -> brightness, contrast, saturation scaled."""
-    factors = factors.to(x.device)[..., None, None, None]   # (B, 3, 1, 1, 1)
-    x = x * factors[:, 0]
+def batch_jitter(x, n, part, jitter):
+    """x (B, 3, S, S) in [0, 1] -> brightness, contrast, saturation each scaled by 1 +- jitter."""
+    factors = 1 + symmetric((3, n), jitter)
+    brightness, contrast, saturation = factors[:, part, None, None, None].to(x.device)
+    x = x * brightness
     mean = x.mean((1, 2, 3), keepdim=True)
-    x = (x - mean) * factors[:, 1] + mean
+    x = (x - mean) * contrast + mean
     grey = LUMA[0] * x[:, 0:1] + LUMA[1] * x[:, 1:2] + LUMA[2] * x[:, 2:3]   # (B, 1, S, S)
-    return ((x - grey) * factors[:, 2] + grey).clamp(0, 1)
+    return ((x - grey) * saturation + grey).clamp(0, 1)
 
 
-def stain_shift(x, turn):
-    """x (B, 3, S, S) in [0, 1], turn (B, 3, 3) in YIQ -> x with its colours turned."""
+def batch_stain(x, n, part, stain):
+    """x (B, 3, S, S) in [0, 1] -> the chroma plane of its YIQ colour turned (hue, up to stain*180
+    degrees), scaled (saturation x(1 +- stain)) or, with probability stain/4, dropped (grey)."""
+    angle = symmetric(n, stain) * torch.pi
+    saturation = 1 + symmetric(n, stain)
+    saturation = torch.where(torch.rand(n) < stain / 4, 0.0, saturation)
+    cos = saturation * angle.cos()
+    sin = saturation * angle.sin()
+    turn = torch.eye(3).repeat(n, 1, 1)   # luma stays
+    turn[:, 1:, 1:] = torch.stack([cos, -sin, sin, cos], 1).view(n, 2, 2)
     yiq = x.new_tensor(YIQ)
-    mix = torch.linalg.inv(yiq) @ turn.to(x.device) @ yiq   # (B, 3, 3): RGB -> RGB
+    mix = torch.linalg.inv(yiq) @ turn[part].to(x.device) @ yiq   # (B, 3, 3): RGB -> RGB
     return torch.einsum("bij,bjhw->bihw", mix, x).clamp(0, 1)
 
 
-def gaussian_blur(x, kernel):
-    """x (B, 3, S, S), kernel (B, K) -> x blurred: one depthwise convolution along x, one along y."""
-    b = x.shape[0]
-    kernel = kernel.to(x.device).repeat_interleave(3, 0)   # (B*3, K): one per channel
-    radius = kernel.shape[1] // 2
-    x = F.pad(x.reshape(1, b * 3, *x.shape[-2:]), (radius,) * 4, mode="reflect")
-    x = F.conv2d(x, kernel[:, None, None, :], groups=b * 3)
-    x = F.conv2d(x, kernel[:, None, :, None], groups=b * 3)
-    return x.reshape(b, 3, *x.shape[-2:])
+def batch_blur(x, n, part, blur):
+    """x (B, 3, S, S) -> each image blurred by a Gaussian of its own sigma <= `blur` px: one
+    depthwise convolution along x, then one along y."""
+    radius = max(1, round(2 * blur))
+    sigma = (torch.rand(n) * blur).clamp_min(1e-3)
+    offsets = torch.arange(-radius, radius + 1.0)
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma[:, None] ** 2))   # (n, K)
+    kernel = kernel / kernel.sum(1, keepdim=True)
+    kernel = kernel[part].to(x.device).repeat_interleave(3, 0)   # (B*3, K): one per channel
+    planes = F.pad(x.flatten(0, 1)[None], (radius,) * 4, mode="reflect")   # (1, B*3, S+2r, S+2r)
+    planes = F.conv2d(planes, kernel[:, None, None, :], groups=len(kernel))
+    planes = F.conv2d(planes, kernel[:, None, :, None], groups=len(kernel))
+    return planes.reshape_as(x)
 
 
-def draw_augment(b, zoom=(0.75, 1.0), jitter=0.2, stain=0.0, blur=0.0):
-    """augment()'s random parameters for a batch of b: {step: CPU tensor of one row per sample}."""
-    params = {"theta": draw_crop_flip(b, zoom)}
-    if jitter:
-        params["factors"] = draw_jitter(b, jitter)
-    if stain:
-        params["turn"] = draw_stain(b, stain)
-    if blur:
-        params["kernel"] = draw_blur(b, blur)
-    return params
-
-
-def apply_augment(x, m, params):
-    """augment() with draw_augment()'s `params` (their rows matching x's); x on any device."""
-    x, m = crop_flip(x, m, params["theta"])
-    if "factors" in params:
-        x = colour_jitter(x, params["factors"])
-    if "turn" in params:
-        x = stain_shift(x, params["turn"])
-    if "kernel" in params:
-        x = gaussian_blur(x, params["kernel"])
-    return x, m
-
-
-def augment(x, m=None, zoom=(0.75, 1.0), jitter=0.2, stain=0.0, blur=0.0):
+def augment(x, m=None, zoom=(0.75, 1.0), jitter=0.2, stain=0.0, blur=0.0, n=None,
+            part=slice(None)):
     """x (B, 3, S, S) in [0, 1], m (B, 1, S, S) or None. Per sample: a crop of side `zoom` (> 1
     zooms out), flips, brightness/contrast/saturation jitter; `stain`: hue turned up to stain*180
     degrees, saturation x(1 +- stain), grey with probability stain/4; `blur`: Gaussian of sigma
-    <= `blur` px. The mask follows (nearest: stays 0/1)."""
-    return apply_augment(x, m, draw_augment(x.shape[0], zoom, jitter, stain, blur))
+    <= `blur` px. The mask follows (nearest: stays 0/1). Draws for a batch of n (default B) of
+    which x holds the rows `part`."""
+    if n is None:
+        n = len(x)
+    x, m = batch_crop_flip(x, m, n, part, zoom)
+    if jitter:
+        x = batch_jitter(x, n, part, jitter)
+    if stain:
+        x = batch_stain(x, n, part, stain)
+    if blur:
+        x = batch_blur(x, n, part, blur)
+    return x, m
 
 
 # ---------------------------------------------------------------------------- files
@@ -739,10 +690,11 @@ def claim_folder(out):
         stale.unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------------------- guidance: what the model sees
+# -------------------------------------------------------------------- guidance: what the model sees
 
 def grow_mask(m, px):
-    """m (B, 1, S, S) in {0, 1} -> the mask grown by `px` pixels every way (a max-pool), (B, 1, S, S).
+    """m (B, 1, S, S) in {0, 1} -> (B, 1, S, S): the mask grown by `px` pixels every way (a
+    max-pool).
 
     A mask drawn by the masker may cut into the cell's edge: a few pixels more keep its rim."""
     if px == 0:
@@ -753,8 +705,9 @@ def grow_mask(m, px):
 def blank_background(x, m, grow_px):
     """x (B, C, S, S) normalised, m (B, 1, S, S) -> (B, C, S, S): 0 outside the grown mask.
 
-    0 after ImageNet normalisation is ImageNet's mean colour, one neutral value for every image, so
-    the background carries nothing. An empty mask (the masker found no cell) keeps the whole image."""
+    0 after ImageNet normalisation is ImageNet's mean colour, one neutral value for every image,
+    so the background carries nothing. An empty mask (the masker found no cell) keeps the whole
+    image."""
     keep = grow_mask(m, grow_px)
     empty = keep.amax(dim=(1, 2, 3)) == 0   # (B,)
     keep = torch.where(empty[:, None, None, None], torch.ones_like(keep), keep)
@@ -763,9 +716,8 @@ def blank_background(x, m, grow_px):
 
 def span(hit):
     """hit (B, L) bool -> (first, last + 1) index of its True entries, each (B,)."""
-    index = torch.arange(hit.shape[1], device=hit.device)
-    first = torch.where(hit, index, hit.shape[1]).amin(1)
-    stop = torch.where(hit, index, -1).amax(1) + 1
+    first = hit.int().argmax(1)   # argmax gives the first of equal maxima
+    stop = hit.shape[1] - hit.flip(1).int().argmax(1)
     return first, stop
 
 
@@ -775,14 +727,13 @@ def mask_boxes(m, margin):
     The square is centred on the mask's bounding box, its side (1 + 2 * margin) times the box's
     longer side. An empty mask gives the whole image."""
     size = m.shape[-1]
-    rows = m.amax(dim=(1, 3)) > 0   # (B, S): rows that hold cell
-    top, bottom = span(rows)
-    left, right = span(m.amax(dim=(1, 2)) > 0)
+    top, bottom = span(m.amax(dim=(1, 3)) > 0)   # rows that hold cell
+    left, right = span(m.amax(dim=(1, 2)) > 0)   # columns that hold cell
     side = torch.maximum(bottom - top, right - left).float() * (1 + 2 * margin)
     centre = torch.stack([left + right, top + bottom], 1).float() / 2
     boxes = torch.cat([centre, side[:, None]], 1)
-    whole = torch.tensor([size / 2, size / 2, size], dtype=boxes.dtype, device=m.device)
-    empty = ~rows.any(1)
+    whole = boxes.new_tensor([size / 2, size / 2, size])
+    empty = m.amax(dim=(1, 2, 3)) <= 0
     return torch.where(empty[:, None], whole, boxes)
 
 
@@ -792,30 +743,26 @@ def crop_boxes(x, boxes, size, mode="bilinear"):
     Where a square leaves the image, its edge pixels repeat (padding_mode="border")."""
     full = x.shape[-1]
     centre = boxes[:, :2] * 2 / full - 1   # pixel edges -> grid_sample's [-1, 1]
-    scale = boxes[:, 2] / full
-    theta = torch.zeros(len(x), 2, 3, device=x.device)
-    theta[:, 0, 0] = scale
-    theta[:, 1, 1] = scale
-    theta[:, :, 2] = centre
+    scale = boxes[:, 2:] / full
+    theta = affine(scale.expand(-1, 2), centre)
     grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
 
 
-# ---------------------------------------------------------------------------- test-time augmentation
+# -------------------------------------------------------------------- test-time augmentation
 
 def d4_views(x):
     """x (B, C, H, W) -> (8 * B, C, H, W): the 4 quarter turns of x, then of x flipped left-right.
 
-    Cells have no preferred orientation, so all 8 views (the dihedral group D4) show the same cell."""
-    flipped = x.flip(-1)
-    turns = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
-    turns += [torch.rot90(flipped, k, dims=(-2, -1)) for k in range(4)]
-    return torch.cat(turns)
+    Cells have no preferred orientation, so all 8 views (the dihedral group D4) show the same
+    cell."""
+    views = [torch.rot90(image, k, dims=(-2, -1)) for image in (x, x.flip(-1)) for k in range(4)]
+    return torch.cat(views)
 
 
 def d4_undo(maps):
     """maps (8 * B, C, H, W) of d4_views' images -> (8, B, C, H, W), each turned back upright."""
     views = maps.unflatten(0, (8, -1))
-    upright = [torch.rot90(views[k], -k, dims=(-2, -1)) for k in range(4)]
-    upright += [torch.rot90(views[4 + k], -k, dims=(-2, -1)).flip(-1) for k in range(4)]
+    upright = [torch.rot90(view, -k, dims=(-2, -1)) for view, k in zip(views, [0, 1, 2, 3] * 2)]
+    upright[4:] = [view.flip(-1) for view in upright[4:]]   # the flipped half flipped back
     return torch.stack(upright)
