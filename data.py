@@ -26,7 +26,9 @@ SPLITS = (1, 10, 50, 100)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LUMA = (0.299, 0.587, 0.114)   # ITU-R 601 weights of R, G, B in brightness
-YIQ = (LUMA, (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))   # RGB -> luma and two chroma axes
+YIQ = (LUMA,                      # RGB -> Y: luma,
+       (0.596, -0.274, -0.322),   # I: orange-blue,
+       (0.211, -0.523, 0.312))    # Q: purple-green (NTSC's colour space)
 CACHE_VERSION = 3   # bump when decoding changes, so stale caches are not reused
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")   # 16-bit and 32-bit grey
 # This process's folder lock: one run per process at a time (a later one, in a test, drops the
@@ -73,15 +75,22 @@ def is_ignored(name):
 
 def list_images(folder):
     """Every image under `folder`, any depth, sorted; hidden and tool folders skipped."""
-    files = [p for p in Path(folder).rglob("*") if p.is_file() and is_image(p)]
-    return sorted(p for p in files if not any(map(is_ignored, p.relative_to(folder).parts)))
+    found = []
+    for path in Path(folder).rglob("*"):
+        parts = path.relative_to(folder).parts
+        if path.is_file() and is_image(path) and not any(map(is_ignored, parts)):
+            found.append(path)
+    return sorted(found)
 
 
 def image_keys(folder):
     """{(class, stem)} of the <folder>/<Class>/<image> files the loader reads (no hidden, tool or
     non-image files): what the epochs rule counts."""
-    found = [f for f in Path(folder).glob("*/*") if f.is_file() and is_image(f)]
-    return {(f.parent.name, f.stem) for f in found if not is_ignored(f.parent.name)}
+    keys = set()
+    for path in Path(folder).glob("*/*"):
+        if path.is_file() and is_image(path) and not is_ignored(path.parent.name):
+            keys.add((path.parent.name, path.stem))
+    return keys
 
 
 def class_folders(folder):
@@ -108,13 +117,11 @@ def scan_folder(folder, classes=None):
     folder = Path(folder)
     class_dirs = class_folders(folder)
     names = [d.name for d in class_dirs]
-    if classes is None:
-        classes = names
+    classes = names if classes is None else list(classes)
     unknown = sorted(set(names) - set(classes))
     if unknown:
         raise DataError(f"{folder}: class folder(s) {unknown} unknown to training "
-                        f"(classes {list(classes)})")
-    classes = list(classes)
+                        f"(classes {classes})")
     paths = []
     labels = []
     ignored = 0
@@ -152,7 +159,8 @@ def wide_to_8bit(a):
     fills 8 bits."""
     peak = np.nanmax(a, initial=0.0)   # initial: never below 0
     bits = max(8, int(np.ceil(np.log2(peak + 1))))
-    return np.clip(a / (2.0 ** bits - 1) * 255, 0, 255)
+    top = 2.0 ** bits - 1   # the largest value of that depth
+    return np.clip(a / top * 255, 0, 255)
 
 
 def check_pixels(im):
@@ -179,8 +187,9 @@ def decode_image(path, size):
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
             white = Image.new("RGBA", im.size, "white")
             im = Image.alpha_composite(white, im.convert("RGBA"))
-        rgb = im.convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=3.0)
-        return np.asarray(rgb), (w, h)
+        im = im.convert("RGB")
+        small = im.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+        return np.asarray(small), (w, h)
 
 
 def mask_cells(im):
@@ -208,7 +217,8 @@ def decode_mask(path, size):
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             alpha = np.asarray(im.convert("RGBA"))[..., 3]
             cell = cell & (alpha >= 64)
-    small = Image.fromarray(cell.astype(np.uint8)).resize((size, size), Image.NEAREST)
+    image = Image.fromarray(cell.astype(np.uint8))
+    small = image.resize((size, size), Image.NEAREST)   # nearest: stays 0/1
     return np.asarray(small), cell.shape[::-1]
 
 
@@ -246,7 +256,8 @@ def decode_files(kind, paths, size):
     bad = {}
     jobs = [(kind, path, size) for path in paths]
     with ThreadPoolExecutor(os.cpu_count()) as pool:   # PIL decoders release the GIL
-        for i, (array, shape, why) in enumerate(pool.map(decode_one, jobs)):
+        results = pool.map(decode_one, jobs)
+        for i, (array, shape, why) in enumerate(results):
             if why is None:
                 out[i] = np.atleast_3d(array).transpose(2, 0, 1)   # (S, S[, 3]) -> (C, S, S)
                 shapes[i] = shape
@@ -260,10 +271,12 @@ def decode_all(kind, paths, size, cache_dir=None, log=print):
     read back in later runs. A cache is a speed-up: a read-only or full disk only costs time."""
     if not cache_dir or not paths:   # without a cache, no file is hashed
         return decode_files(kind, paths, size)
-    prefix = Path(cache_dir) / f"{kind}-{fingerprint(paths, f'{kind} {size}')}"
-    if Path(f"{prefix}.json").exists():
+    key = fingerprint(paths, f"{kind} {size}")
+    prefix = Path(cache_dir) / f"{kind}-{key}"
+    index = Path(f"{prefix}.json")   # the sizes and the unreadable files
+    if index.exists():
         try:
-            meta = json.loads(Path(f"{prefix}.json").read_text())
+            meta = json.loads(index.read_text())
             out = np.load(f"{prefix}.npy")
             shapes = [s and tuple(s) for s in meta[0]]   # JSON made each (w, h) a list
             return out, shapes, dict(meta[1])
@@ -273,7 +286,7 @@ def decode_all(kind, paths, size, cache_dir=None, log=print):
     meta = json.dumps([shapes, list(bad.items())]).encode()
     try:
         atomic_write(f"{prefix}.npy", lambda f: np.save(f, out))
-        atomic_write(f"{prefix}.json", lambda f: f.write(meta))
+        atomic_write(index, lambda f: f.write(meta))
     except DataError as e:
         log(f"warning: no decode cache ({e}); going on without it")
     return out, shapes, bad
@@ -295,6 +308,7 @@ class ImageSet:
     fingerprint: str = ""
 
     def __len__(self):
+        """The number of images."""
         return len(self.paths)
 
     def subset(self, keep):
@@ -327,7 +341,8 @@ def match_masks(paths, labels, classes, mask_dirs, log):
             listed += [f for f in sorted(folder.glob("*/*")) if is_image(f)]
     # reversed: the first mask_dirs' mask of a (class, stem) is written last, so it wins
     found = {(f.parent.name, f.stem): f for f in reversed(listed)}
-    mask_paths = [found.pop((classes[y], p.stem), None) for p, y in zip(paths, labels)]
+    keys = [(classes[y], p.stem) for p, y in zip(paths, labels)]
+    mask_paths = [found.pop(key, None) for key in keys]   # pop: the masks left match no image
     orphans = [str(f) for (cls, _), f in found.items() if not is_ignored(cls)]
     if orphans:
         more = " ..." if len(orphans) > 5 else ""
@@ -375,7 +390,8 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
     full = ImageSet(torch.from_numpy(images), labels, masks, has_mask, paths, shapes, classes,
                     fingerprint(files, str(size)))
     if bad:
-        full = full.subset(torch.tensor([i not in bad for i in range(len(paths))]))
+        keep = torch.tensor([i not in bad for i in range(len(paths))])
+        full = full.subset(keep)
     missing = int((~full.has_mask).sum())
     if need_masks and missing:
         raise DataError(f"{missing} of {len(full)} images of {data_dir} have no mask in "
@@ -386,7 +402,8 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
 
 def image_digests(images):
     """sha1 of each decoded uint8 image of (N, C, S, S): equal pixels, equal digest."""
-    return [hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest() for a in np.asarray(images)]
+    arrays = np.asarray(images)
+    return [hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest() for a in arrays]
 
 
 def find_leaks(val_images, val_paths, train_images, train_paths):
@@ -436,7 +453,8 @@ def white_balance(x, share=0.1):
     cutoff = luma.topk(count, 1).values[:, -1:]              # (B, 1): the count-th brightest
     bright = (luma >= cutoff)[:, None]                       # (B, 1, P)
     background = (flat * bright).sum(2) / bright.sum(2)      # (B, 3)
-    return (x / background.clamp_min(0.05)[..., None, None]).clamp(0, 1)
+    background = background.clamp_min(0.05)[..., None, None]   # a dark slide: no blow-up
+    return (x / background).clamp(0, 1)
 
 
 def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, part=slice(None),
@@ -498,9 +516,11 @@ def batch_crop_flip(x, m, n, part, zoom):
     """x (B, 3, S, S), m (B, 1, S, S) or None -> both cropped (side in `zoom`, > 1 zooms out) and
     flipped left-right and upside-down (each with probability 1/2) alike."""
     scale = torch.empty(n).uniform_(*zoom)
-    shift = symmetric((n, 2), (1 - scale).clamp_min(0)[:, None])   # crops stay inside
+    room = (1 - scale).clamp_min(0)   # how far a crop can move and stay inside
+    shift = symmetric((n, 2), room[:, None])
     flip = torch.where(torch.rand(n, 2) < 0.5, -1.0, 1.0)   # (n, 2): x-flip, y-flip
-    theta = affine(scale[:, None] * flip, shift)[part].to(x.device)
+    theta = affine(scale[:, None] * flip, shift)   # (n, 2, 3)
+    theta = theta[part].to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if m is not None:   # nearest: the mask stays 0/1
@@ -510,12 +530,14 @@ def batch_crop_flip(x, m, n, part, zoom):
 
 def batch_jitter(x, n, part, jitter):
     """x (B, 3, S, S) in [0, 1] -> brightness, contrast, saturation each scaled by 1 +- jitter."""
-    factors = 1 + symmetric((3, n), jitter)
-    brightness, contrast, saturation = factors[:, part, None, None, None].to(x.device)
+    factors = 1 + symmetric((3, n), jitter)   # (3, n)
+    factors = factors[:, part, None, None, None].to(x.device)   # (3, B, 1, 1, 1)
+    brightness, contrast, saturation = factors
     x = x * brightness
     mean = x.mean((1, 2, 3), keepdim=True)
     x = (x - mean) * contrast + mean
-    grey = LUMA[0] * x[:, 0:1] + LUMA[1] * x[:, 1:2] + LUMA[2] * x[:, 2:3]   # (B, 1, S, S)
+    red, green, blue = x.split(1, dim=1)   # (B, 1, S, S) each
+    grey = LUMA[0] * red + LUMA[1] * green + LUMA[2] * blue
     return ((x - grey) * saturation + grey).clamp(0, 1)
 
 
@@ -528,9 +550,11 @@ def batch_stain(x, n, part, stain):
     cos = saturation * angle.cos()
     sin = saturation * angle.sin()
     turn = torch.eye(3).repeat(n, 1, 1)   # luma stays
-    turn[:, 1:, 1:] = torch.stack([cos, -sin, sin, cos], 1).view(n, 2, 2)
+    chroma = torch.stack([cos, -sin, sin, cos], 1).view(n, 2, 2)   # turns and scales I and Q
+    turn[:, 1:, 1:] = chroma
     yiq = x.new_tensor(YIQ)
-    mix = torch.linalg.inv(yiq) @ turn[part].to(x.device) @ yiq   # (B, 3, 3): RGB -> RGB
+    turn = turn[part].to(x.device)
+    mix = torch.linalg.inv(yiq) @ turn @ yiq   # (B, 3, 3): RGB -> RGB
     return torch.einsum("bij,bjhw->bihw", mix, x).clamp(0, 1)
 
 
@@ -542,8 +566,10 @@ def batch_blur(x, n, part, blur):
     offsets = torch.arange(-radius, radius + 1.0)
     kernel = torch.exp(-offsets ** 2 / (2 * sigma[:, None] ** 2))   # (n, K)
     kernel = kernel / kernel.sum(1, keepdim=True)
-    kernel = kernel[part].to(x.device).repeat_interleave(3, 0)   # (B*3, K): one per channel
-    planes = F.pad(x.flatten(0, 1)[None], (radius,) * 4, mode="reflect")   # (1, B*3, S+2r, S+2r)
+    kernel = kernel[part].to(x.device)
+    kernel = kernel.repeat_interleave(3, 0)   # (B*3, K): one per channel
+    planes = x.flatten(0, 1)[None]   # (1, B*3, S, S): each channel of each image a plane
+    planes = F.pad(planes, (radius,) * 4, mode="reflect")
     planes = F.conv2d(planes, kernel[:, None, None, :], groups=len(kernel))
     planes = F.conv2d(planes, kernel[:, None, :, None], groups=len(kernel))
     return planes.reshape_as(x)
@@ -589,10 +615,12 @@ def atomic_write(path, write):
 
 
 def save_checkpoint(obj, path):
+    """torch.save(obj) to `path`, atomically."""
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_json(obj, path):
+    """obj as indented JSON at `path`, atomically."""
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
@@ -613,13 +641,15 @@ def save_csv(rows, path):
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=[csv_cell(key) for key in rows[0]])
     writer.writeheader()
-    writer.writerows([{csv_cell(k): csv_cell(v) for k, v in row.items()} for row in rows])
+    cells = [{csv_cell(k): csv_cell(v) for k, v in row.items()} for row in rows]
+    writer.writerows(cells)
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def save_mask_png(mask, path):
     """(H, W) bool or 0/1 mask -> a 0/255 PNG."""
-    image = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
+    cell = np.asarray(mask) > 0
+    image = Image.fromarray(cell.astype(np.uint8) * 255)
     atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
@@ -641,8 +671,10 @@ def check_resume(path, ckpt, resume_with, may_change):
     """Refuse to resume a checkpoint whose run had other flags (but for may_change) or has
     finished: another run's state would give neither run's result."""
     then = ckpt["args"]
-    differ = [f"--{k.replace('_', '-')} ({then.get(k)!r} then, {v!r} now)"
-              for k, v in resume_with.items() if k not in may_change and then.get(k) != v]
+    differ = []
+    for k, v in resume_with.items():
+        if k not in may_change and then.get(k) != v:
+            differ.append(f"--{k.replace('_', '-')} ({then.get(k)!r} then, {v!r} now)")
     if differ:
         raise SystemExit(f"--resume: {path} was written with other {', '.join(differ)}; "
                          "rerun with the same flags or another --out")
@@ -659,11 +691,12 @@ def load_checkpoint(path, required=(), resume_with=None, may_change=()):
     if path.stat().st_size == 0:
         raise SystemExit(f"{path}: checkpoint is empty (0 bytes)")
     ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in ("model", "args", *required)):
+    keys = ("model", "args", *required)
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
         raise SystemExit(f"{path}: not a checkpoint of this repo "
                          f"(expected a dict with keys model, args, {required})")
-    tensors = [isinstance(v, torch.Tensor) for v in ckpt["model"].values()]
-    if not all(tensors):
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
         raise SystemExit(f"{path}: its 'model' entry is not a state dict (name -> tensor)")
     if resume_with:
         check_resume(path, ckpt, resume_with, may_change)
@@ -729,7 +762,8 @@ def mask_boxes(m, margin):
     size = m.shape[-1]
     top, bottom = span(m.amax(dim=(1, 3)) > 0)   # rows that hold cell
     left, right = span(m.amax(dim=(1, 2)) > 0)   # columns that hold cell
-    side = torch.maximum(bottom - top, right - left).float() * (1 + 2 * margin)
+    longer = torch.maximum(bottom - top, right - left).float()
+    side = longer * (1 + 2 * margin)
     centre = torch.stack([left + right, top + bottom], 1).float() / 2
     boxes = torch.cat([centre, side[:, None]], 1)
     whole = boxes.new_tensor([size / 2, size / 2, size])
@@ -745,7 +779,8 @@ def crop_boxes(x, boxes, size, mode="bilinear"):
     centre = boxes[:, :2] * 2 / full - 1   # pixel edges -> grid_sample's [-1, 1]
     scale = boxes[:, 2:] / full
     theta = affine(scale.expand(-1, 2), centre)
-    grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
+    shape = [len(x), x.shape[1], size, size]
+    grid = F.affine_grid(theta, shape, align_corners=False)
     return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
 
 
@@ -756,13 +791,15 @@ def d4_views(x):
 
     Cells have no preferred orientation, so all 8 views (the dihedral group D4) show the same
     cell."""
-    views = [torch.rot90(image, k, dims=(-2, -1)) for image in (x, x.flip(-1)) for k in range(4)]
+    flipped = x.flip(-1)
+    views = [torch.rot90(image, k, dims=(-2, -1)) for image in (x, flipped) for k in range(4)]
     return torch.cat(views)
 
 
 def d4_undo(maps):
     """maps (8 * B, C, H, W) of d4_views' images -> (8, B, C, H, W), each turned back upright."""
-    views = maps.unflatten(0, (8, -1))
-    upright = [torch.rot90(view, -k, dims=(-2, -1)) for view, k in zip(views, [0, 1, 2, 3] * 2)]
-    upright[4:] = [view.flip(-1) for view in upright[4:]]   # the flipped half flipped back
+    views = maps.unflatten(0, (8, -1))   # (8, B, C, H, W)
+    turns = [0, 1, 2, 3] * 2   # each view's quarter turns in d4_views
+    upright = [torch.rot90(view, -k, dims=(-2, -1)) for view, k in zip(views, turns)]
+    upright[4:] = [view.flip(-1) for view in upright[4:]]   # and the flipped half flipped back
     return torch.stack(upright)
