@@ -31,8 +31,8 @@ YIQ = (LUMA,                      # RGB -> Y: luma,
        (0.211, -0.523, 0.312))    # Q: purple-green (NTSC's colour space)
 CACHE_VERSION = 3   # bump when decoding changes, so stale caches are not reused
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")   # 16-bit and 32-bit grey
-# This process's folder lock: one run per process at a time (a later one, in a test, drops the
-# last's).
+# The folder lock this process holds: one at a time (a later claim_folder, as in the tests, drops
+# the earlier one).
 HELD = []
 
 
@@ -129,7 +129,7 @@ def scan_folder(folder, classes=None):
         found = [f for f in sorted(d.iterdir()) if f.is_file() and is_image(f)]
         ignored += len(list(d.iterdir())) - len(found)
         check_unique_stems(found)
-        if not found and names == classes:   # a val set may lack a class, a training set not
+        if not found and names == classes:
             raise DataError(f"{d}: class folder has no images ({', '.join(sorted(IMAGE_EXTS))})")
         paths += found
         labels += [classes.index(d.name)] * len(found)
@@ -183,7 +183,7 @@ def decode_image(path, size):
         im = ImageOps.exif_transpose(im)
         if im.mode in WIDE_MODES:
             grey = wide_to_8bit(np.asarray(im, dtype=np.float64))
-            im = Image.fromarray((grey + 0.5).astype(np.uint8))
+            im = Image.fromarray((grey + 0.5).astype(np.uint8))   # + 0.5: rounded, not cut
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
             white = Image.new("RGBA", im.size, "white")
             im = Image.alpha_composite(white, im.convert("RGBA"))
@@ -359,11 +359,12 @@ def load_masks(mask_paths, bad, shapes, size, cache_dir, log):
         return None, has_mask
     wanted = [mask_paths[i] for i in where]
     decoded, mask_shapes, mask_bad = decode_all("mask", wanted, size, cache_dir, log)
-    if mask_bad:   # its image has no mask
+    if mask_bad:   # a bad mask is skipped: its image has none
         report_bad("mask", wanted, mask_bad, True, log)
     masks = torch.zeros(len(mask_paths), 1, size, size, dtype=torch.uint8)
     masks[where] = torch.from_numpy(decoded)
-    has_mask[where] = torch.tensor([shape is not None for shape in mask_shapes])   # None: bad
+    # a shape of None: an unreadable mask
+    has_mask[where] = torch.tensor([shape is not None for shape in mask_shapes])
     resized = sum(shape not in (None, shapes[i]) for shape, i in zip(mask_shapes, where))
     if resized:
         log(f"{resized} mask(s) differ in size from their image: resized with nearest-neighbour")
@@ -386,9 +387,16 @@ def load_set(data_dir, size, classes=None, mask_dirs=(), cache_dir=None, skip_ba
         raise DataError(f"{data_dir}: none of its {len(bad)} image(s) could be read "
                         "(see the list above)")
     files = paths + [path for path in mask_paths if path is not None]
-    labels = torch.tensor(labels, dtype=torch.int64)
-    full = ImageSet(torch.from_numpy(images), labels, masks, has_mask, paths, shapes, classes,
-                    fingerprint(files, str(size)))
+    full = ImageSet(
+        images=torch.from_numpy(images),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        masks=masks,
+        has_mask=has_mask,
+        paths=paths,
+        sizes=shapes,
+        classes=classes,
+        fingerprint=fingerprint(files, str(size)),
+    )
     if bad:
         keep = torch.tensor([i not in bad for i in range(len(paths))])
         full = full.subset(keep)
@@ -471,7 +479,7 @@ def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, 
     m = None
     if masks is not None:
         m = masks[rows].to(device, non_blocking=True).float()
-    if train:   # every row's draws, so the RNG moves as one process's does
+    if train:   # draws for all len(idx) rows, so the RNG moves as one process's does
         x, m = augment(x, m, **(aug or {}), n=len(idx), part=part)
     mean = x.new_tensor(IMAGENET_MEAN)[:, None, None]   # as the pretrained encoder expects
     std = x.new_tensor(IMAGENET_STD)[:, None, None]
@@ -509,7 +517,7 @@ def symmetric(shape, scale):
 def affine(scale, shift):
     """scale, shift (B, 2) of x and y -> (B, 2, 3) affine_grid matrices [[sx, 0, tx],
     [0, sy, ty]]."""
-    return torch.cat([torch.diag_embed(scale), shift[:, :, None]], dim=2)
+    return torch.cat([torch.diag_embed(scale), shift[..., None]], dim=2)
 
 
 def batch_crop_flip(x, m, n, part, zoom):
