@@ -360,7 +360,7 @@ def load_masks(mask_paths, bad, shapes, size, cache_dir, log):
     wanted = [mask_paths[i] for i in where]
     decoded, mask_shapes, mask_bad = decode_all("mask", wanted, size, cache_dir, log)
     if mask_bad:   # a bad mask is skipped: its image has none
-        report_bad("mask", wanted, mask_bad, True, log)
+        report_bad("mask", wanted, mask_bad, skip_bad=True, log=log)
     masks = torch.zeros(len(mask_paths), 1, size, size, dtype=torch.uint8)
     masks[where] = torch.from_numpy(decoded)
     # a shape of None: an unreadable mask
@@ -509,9 +509,9 @@ def infer(model, images, masks=None, batch_size=64, device="cpu", autocast=None,
 # Each step draws its random numbers from torch's CPU RNG for all n samples of the batch (the same
 # draws on any device, and as one process draws them) and applies the rows `part` that x holds.
 
-def symmetric(shape, scale):
-    """Uniform draws in [-scale, scale]."""
-    return (torch.rand(shape) * 2 - 1) * scale
+def symmetric(dims, scale):
+    """A tensor of size `dims` drawn uniformly from [-scale, scale]."""
+    return (torch.rand(dims) * 2 - 1) * scale
 
 
 def affine(scale, shift):
@@ -578,8 +578,8 @@ def batch_blur(x, n, part, blur):
     kernel = kernel.repeat_interleave(3, 0)   # (B*3, K): one per channel
     planes = x.flatten(0, 1)[None]   # (1, B*3, S, S): each channel of each image a plane
     planes = F.pad(planes, (radius,) * 4, mode="reflect")
-    planes = F.conv2d(planes, kernel[:, None, None, :], groups=len(kernel))
-    planes = F.conv2d(planes, kernel[:, None, :, None], groups=len(kernel))
+    planes = F.conv2d(planes, kernel[:, None, None, :], groups=len(kernel))   # along x
+    planes = F.conv2d(planes, kernel[:, None, :, None], groups=len(kernel))   # along y
     return planes.reshape_as(x)
 
 
@@ -787,8 +787,8 @@ def crop_boxes(x, boxes, size, mode="bilinear"):
     centre = boxes[:, :2] * 2 / full - 1   # pixel edges -> grid_sample's [-1, 1]
     scale = boxes[:, 2:] / full
     theta = affine(scale.expand(-1, 2), centre)
-    shape = [len(x), x.shape[1], size, size]
-    grid = F.affine_grid(theta, shape, align_corners=False)
+    grid_size = [len(x), x.shape[1], size, size]   # (B, C, size, size)
+    grid = F.affine_grid(theta, grid_size, align_corners=False)
     return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
 
 
