@@ -50,12 +50,6 @@ def parse_args(argv=None):
                    help="skip unreadable images (listed) instead of stopping")
     g.add_argument("--white-balance", action="store_true",
                    help="divide each image by its background's colour")
-    g.add_argument("--zoom", type=float, nargs=2, default=[0.75, 1.0],
-                   help="crop side range (above 1 zooms out)")
-    g.add_argument("--stain", type=float, default=0.0,
-                   help="hue/saturation/grey augmentation strength in [0, 1]")
-    g.add_argument("--blur", type=float, default=0.0,
-                   help="largest Gaussian blur sigma in px (0 = off)")
     g = p.add_argument_group("mask guidance and model")
     g.add_argument("--alpha", type=float, nargs=2, metavar=("A1", "A2"),
                    help="loss weight A1*mask + A2 (none: CE)")
@@ -76,17 +70,24 @@ def parse_args(argv=None):
                    help="images per step, all processes together (>= 2 each)")
     g.add_argument("--lr", type=float, default=3e-3, help="Adam lr, halved at each 7th of the "
                    "run's steps: x0.5 ** floor(7 * step / steps); any --epochs gets 6 halvings")
-    g.add_argument("--clip-grad", type=float, default=0.0,
-                   help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--zoom", type=float, nargs=2, default=[0.75, 1.0],
+                   help="crop side range (above 1 zooms out)")
+    g.add_argument("--stain", type=float, default=0.0,
+                   help="hue/saturation/grey augmentation strength in [0, 1]")
+    g.add_argument("--blur", type=float, default=0.0,
+                   help="largest Gaussian blur sigma in px (0 = off)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of shuffling, augmentation and init (>= 0)")
+    g.add_argument("--device", default="auto",
+                   help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="autocast; auto: bf16 on GPUs of compute capability 8.0+ and CPUs with "
                    "bf16 instructions, fp16 + grad scaler on older GPUs, else off")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (slow first steps)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of shuffling, augmentation and init (>= 0)")
-    g.add_argument("--device", default="auto",
-                   help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    g.add_argument("--clip-grad", type=float, default=0.0,
+                   help="clip the gradient norm to this (0 = off)")
     g.add_argument("--out", help="output folder (default runs/classifier_WBC_<split>_<setting>)")
     g.add_argument("--save-every", type=int, default=0,
                    help="checkpoint every N epochs (0 = about 20 per run)")
@@ -187,7 +188,8 @@ def train_one_epoch(forward, model, data, optimizer, scheduler, scaler, autocast
     totals = torch.zeros(3, device=args.device)   # sums on the device: no host syncs
     bad_step = torch.zeros((), device=args.device)
     aug = dict(zoom=args.zoom, stain=args.stain, blur=args.blur)
-    all_sum = sum_over_processes if WORLD > 1 else None   # the whole batch's loss denominator
+    # each process: its rows' loss over the whole batch's denominator (a sum over the processes)
+    all_sum = sum_over_processes if WORLD > 1 else None
     for step, idx in enumerate(batches, 1):
         mine = slice(RANK * len(idx) // WORLD, (RANK + 1) * len(idx) // WORLD)   # my rows of it
         x, mask = make_batch(data.images, data.masks, idx, args.device, train=True, part=mine,
@@ -422,7 +424,7 @@ def main(argv=None):
                              args.init or args.weights or "ImageNet")
     model = model.to(device, memory_format=torch.channels_last)   # NHWC: faster convolutions
     net = model
-    if ddp:   # the same init on every rank
+    if ddp:   # DDP starts every rank from rank 0's weights
         model, net = data_parallel(model, device)
     forward = torch.compile(net) if args.compile else net
 

@@ -228,7 +228,7 @@ def train_one_epoch(forward, model, images, masks, optimizer, scaler, autocast, 
     if WORLD > 1:   # sums over every process; any process's bad step stops them all
         dist.all_reduce(totals)
         bad_step = first_over_processes(bad_step, len(batches))
-    seen = sum(len(idx) for idx in batches)
+    seen = sum(len(idx) for idx in batches)   # images (not only this process's)
     return (*(totals / seen).tolist(), seen / (time.perf_counter() - started), int(bad_step))
 
 def first_over_processes(bad_step, n_steps):
@@ -437,7 +437,7 @@ def main(argv=None):
     load_backbone(model.encoder, weights, args.weights or "ImageNet weights")
     model = model.to(device, memory_format=torch.channels_last)   # NHWC: faster convolutions
     net = model
-    if ddp:   # the same init on every rank
+    if ddp:   # DDP starts every rank from rank 0's weights
         model, net = data_parallel(model, device)
     forward = torch.compile(net) if args.compile else net
 
