@@ -1,11 +1,12 @@
 """Stage 2: train the ResNet34 WBC classifier, its loss optionally weighted by the cell masks.
 
-    python train_classifier.py --alpha -1 1            # loss weighted by (-1*mask + 1): the cell's surroundings
-    python train_classifier.py --alpha 1 0 --balance   # only the cell (0 1: everywhere), classes balanced
-    torchrun --nproc-per-node 8 train_classifier.py --alpha -1 1   # data-parallel: 8 GPUs share each batch
+    python train_classifier.py --alpha -1 1            # weight -1*mask + 1: the cell's surroundings
+    python train_classifier.py --alpha 1 0 --balance   # only the cell (0 1: all), classes balanced
+    torchrun --nproc-per-node 8 train_classifier.py --alpha -1 1   # 8 GPUs share each batch
 
-Masks: ground truth where there is one, else train_masker.py's (--masks). Writes to --out: checkpoint.pt (also
-every --save-every epochs, for --resume), log.csv and metrics.json (scores on WBC_100/val)."""
+Masks: ground truth where there is one, else train_masker.py's (--masks). Writes to --out:
+checkpoint.pt (also every --save-every epochs, for --resume), log.csv and metrics.json (scores on
+WBC_100/val)."""
 import argparse
 import atexit
 import math
@@ -17,80 +18,128 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from data import (SPLITS, DataError, batch_indices, check_no_leakage, claim_folder, image_keys,
-                  infer,
-                  load_checkpoint, load_set, make_batch, save_checkpoint, save_csv, save_json,
-                  wbc_dirs)
-from losses import check_alpha, class_weights, classification_metrics, confusion_matrix, mask_weighted_ce, weighted_ce
+                  infer, load_checkpoint, load_set, make_batch, save_checkpoint, save_csv,
+                  save_json, wbc_dirs)
+from losses import (check_alpha, class_weights, classification_metrics, confusion_matrix,
+                    mask_weighted_ce, weighted_ce)
 from resnet_cls import build_classifier, resnet34_state_dict
 
-MAY_CHANGE = ("cache", "skip_bad", "amp", "compile", "device", "out", "save_every", "resume")   # on --resume; no other
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))   # torchrun sets them
+RANK = int(os.environ.get("RANK", 0))   # torchrun sets both
+WORLD = int(os.environ.get("WORLD_SIZE", 1))
+# the flags a --resume may change; any other must be the killed run's
+MAY_CHANGE = ("cache", "skip_bad", "amp", "compile", "device", "out", "save_every", "resume")
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="data", help="dataset root (ROOT/WBC_<split>/train, ROOT/WBC_100/val)")
-    g.add_argument("--split", type=int, default=10, choices=SPLITS, help="train on WBC_<split>/train")
-    g.add_argument("--masks", help="masks MASKS/{train,val}/<Class>/<stem>.png (default runs/masker_WBC_<split>/masks)")
+    g.add_argument("--data", default="data",
+                   help="dataset root (ROOT/WBC_<split>/train, ROOT/WBC_100/val)")
+    g.add_argument("--split", type=int, default=10, choices=SPLITS,
+                   help="train on WBC_<split>/train")
+    g.add_argument("--masks", help="masks MASKS/{train,val}/<Class>/<stem>.png "
+                   "(default runs/masker_WBC_<split>/masks)")
     g.add_argument("--size", type=int, default=224, help="working size in px (>= 32)")
-    g.add_argument("--cache", default=".cache/decoded", help="decoded-image cache folder ('none' = off)")
-    g.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
-    g.add_argument("--white-balance", action="store_true", help="divide each image by its background's colour")
-    g.add_argument("--zoom", type=float, nargs=2, default=[0.75, 1.0], help="crop side range (above 1 zooms out)")
-    g.add_argument("--stain", type=float, default=0.0, help="hue/saturation/grey augmentation strength in [0, 1]")
-    g.add_argument("--blur", type=float, default=0.0, help="largest Gaussian blur sigma in px (0 = off)")
+    g.add_argument("--cache", default=".cache/decoded",
+                   help="decoded-image cache folder ('none' = off)")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable images (listed) instead of stopping")
+    g.add_argument("--white-balance", action="store_true",
+                   help="divide each image by its background's colour")
     g = p.add_argument_group("mask guidance and model")
-    g.add_argument("--alpha", type=float, nargs=2, metavar=("A1", "A2"), help="loss weight A1*mask + A2 (none: CE)")
-    g.add_argument("--mask-mode", default="loss", choices=("loss", "channel"), help="channel: mask as 4th input")
-    g.add_argument("--balance", action="store_true", help="class weights 1/count, rescaled to mean 1")
-    start = g.add_mutually_exclusive_group()   # each sets the starting weights
-    start.add_argument("--pretrained", action="store_true", help="ImageNet init (torchvision download)")
-    start.add_argument("--weights", help="local torchvision resnet34 state dict to start from")
-    start.add_argument("--init", help="start from a checkpoint of ours (classifier or masker encoder), fc dropped")
+    g.add_argument("--alpha", type=float, nargs=2, metavar=("A1", "A2"),
+                   help="loss weight A1*mask + A2 (none: CE)")
+    g.add_argument("--mask-mode", default="loss", choices=("loss", "channel"),
+                   help="channel: mask as 4th input")
+    g.add_argument("--balance", action="store_true",
+                   help="class weights 1/count, rescaled to mean 1")
+    weights = g.add_mutually_exclusive_group()   # each sets the starting weights
+    weights.add_argument("--pretrained", action="store_true",
+                         help="ImageNet init (torchvision download)")
+    weights.add_argument("--weights", help="local torchvision resnet34 state dict to start from")
+    weights.add_argument("--init", help="start from a checkpoint of ours (classifier or masker "
+                         "encoder), fc dropped")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=14, help="epochs on WBC_100 (smaller splits: same epochs x images)")
-    g.add_argument("--batch-size", type=int, default=32, help="images per step, all processes together (>= 2 each)")
+    g.add_argument("--epochs", type=int, default=14,
+                   help="epochs on WBC_100 (smaller splits: same epochs x images)")
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="images per step, all processes together (>= 2 each)")
     g.add_argument("--lr", type=float, default=3e-3, help="Adam lr, halved at each 7th of the "
                    "run's steps: x0.5 ** floor(7 * step / steps); any --epochs gets 6 halvings")
-    g.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--zoom", type=float, nargs=2, default=[0.75, 1.0],
+                   help="crop side range (above 1 zooms out)")
+    g.add_argument("--stain", type=float, default=0.0,
+                   help="hue/saturation/grey augmentation strength in [0, 1]")
+    g.add_argument("--blur", type=float, default=0.0,
+                   help="largest Gaussian blur sigma in px (0 = off)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of shuffling, augmentation and init (>= 0)")
+    g.add_argument("--device", default="auto",
+                   help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="autocast; auto: bf16 on GPUs of compute capability 8.0+ and CPUs with "
                    "bf16 instructions, fp16 + grad scaler on older GPUs, else off")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
-    g.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation and init (>= 0)")
-    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (slow first steps)")
+    g.add_argument("--clip-grad", type=float, default=0.0,
+                   help="clip the gradient norm to this (0 = off)")
     g.add_argument("--out", help="output folder (default runs/classifier_WBC_<split>_<setting>)")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N epochs (0 = about 20 per run)")
-    g.add_argument("--resume", action="store_true", help="continue the killed run in --out, with the same flags")
-    g.add_argument("--dry-run", action="store_true", help="one batch, one epoch, outputs under runs/dry_run")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="checkpoint every N epochs (0 = about 20 per run)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the killed run in --out, with the same flags")
+    g.add_argument("--dry-run", action="store_true",
+                   help="one batch, one epoch, outputs under runs/dry_run")
     args = p.parse_args(argv)
-    if args.alpha is not None and check_alpha(*args.alpha):
+    if args.batch_size % WORLD:   # every process gets an equal share
+        p.error(f"--batch-size {args.batch_size}: need a multiple of the {WORLD} process(es)")
+    if args.batch_size < 2 * WORLD:   # BatchNorm cannot train on one row
+        p.error(f"need --batch-size 2+ (BatchNorm) x {WORLD} process(es)")
+    if args.size < 32:
+        p.error("need --size >= 32")
+    if not 0 < args.lr < math.inf:
+        p.error("need finite --lr > 0")
+    if not 0 <= args.clip_grad < math.inf:
+        p.error("need finite --clip-grad >= 0")
+    if not 0 <= args.stain <= 1:
+        p.error("need --stain in [0, 1]")
+    if not 0 <= args.blur < math.inf:
+        p.error("need finite --blur >= 0")
+    if not 0 < args.zoom[0] <= args.zoom[1] < math.inf:
+        p.error("need finite 0 < --zoom LO <= HI")
+    if args.epochs < 1:
+        p.error("need --epochs >= 1")
+    if args.seed < 0 or args.save_every < 0:
+        p.error("need --seed, --save-every >= 0")
+    if args.alpha is not None and check_alpha(*args.alpha):   # e.g. negative weights
         p.error(f"--alpha: {check_alpha(*args.alpha)}")
-    if args.batch_size < 2 * WORLD or args.batch_size % WORLD:   # equal shares, 2+ rows (BatchNorm)
-        p.error(f"--batch-size {args.batch_size}: need a multiple of the {WORLD} process(es), "
-                f"with 2 or more each (BatchNorm)")
-    numbers = (0 < args.lr < math.inf, 0 <= args.clip_grad < math.inf, 0 <= args.stain <= 1, 0 <= args.blur < math.inf,
-               0 < args.zoom[0] <= args.zoom[1] < math.inf, args.epochs >= 1, min(args.seed, args.save_every) >= 0,
-               args.size >= 32, args.batch_size >= 2 * WORLD and args.batch_size % WORLD == 0)
-    if not all(numbers):
-        p.error(f"need finite --lr > 0, --clip-grad >= 0, --stain in [0, 1], --blur >= 0, 0 < --zoom LO <= HI, --epochs"
-                f" >= 1, --seed, --save-every >= 0, --size >= 32, --batch-size 2+ (BatchNorm) x {WORLD} process(es)")
-    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device != "cpu" and not torch.cuda.is_available()):
-        p.error(f"--device {args.device}: not available here (cpu, or cuda, cuda:1, ... on a machine with CUDA)")
-    runs = Path("runs/dry_run" if args.dry_run else "runs")   # a dry run's untrained files never feed a real run
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: unknown (cpu, or cuda, cuda:1, ...)")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: not available here (no CUDA; use cpu)")
+    runs = Path("runs/dry_run" if args.dry_run else "runs")   # never fed to a real run
     args.masks = Path(args.masks or runs / f"masker_WBC_{args.split}" / "masks")
     args.out = Path(args.out or runs / f"classifier_WBC_{args.split}_{setting_name(args)}")
-    if args.masks.is_file() or args.out.is_file():
-        p.error(f"{args.masks if args.masks.is_file() else args.out}: a file where a folder belongs")
+    for folder in (args.masks, args.out):
+        if folder.is_file():
+            p.error(f"{folder}: a file where a folder belongs")
     return args
 
 def setting_name(args):
-    """Folder-friendly name of the setting: nomask, alpha-1_1, channel_alpha1_0, ..., + _balance, + _white."""
-    channel = "channel_" if args.mask_mode == "channel" else ""
-    name = f"{channel}alpha{args.alpha[0]:g}_{args.alpha[1]:g}" if args.alpha is not None else channel[:-1] or "nomask"
+    """Folder-friendly name of the setting: nomask, alpha-1_1, channel_alpha1_0, ..., + _balance,
+    + _white."""
+    name = "nomask"
+    if args.alpha is not None:
+        name = f"alpha{args.alpha[0]:g}_{args.alpha[1]:g}"
+    if args.mask_mode == "channel":
+        name = "channel" if args.alpha is None else f"channel_{name}"
     return name + "_balance" * args.balance + "_white" * args.white_balance
 
 def pick_amp(device):
@@ -104,37 +153,59 @@ def pick_amp(device):
 def interrupt(signum, frame):   # SIGTERM (kill, a scheduler), SIGHUP (a closed terminal): as Ctrl-C
     raise KeyboardInterrupt
 
+def adam(model, lr, device):
+    """Adam with its fastest kernels here: fused on CUDA, foreach (a list of tensors) elsewhere."""
+    cuda = device.type == "cuda"
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=cuda or None, foreach=not cuda or None)
+
 def halving_schedule(optimizer, total_steps):
     """The lr x0.5 ** floor(7 * step / total_steps), stepped after every optimizer step: halved at
-    each seventh of the run, 6 halvings for any epoch count (per epoch, 5 epochs would skip two)."""
-    factor = lambda step: 0.5 ** math.floor(7 * step / total_steps)   # noqa: E731
+    each seventh of the run, 6 halvings for any epoch count."""
+    def factor(step):
+        return 0.5 ** math.floor(7 * step / total_steps)
+    # a LambdaLR, not a StepLR: StepLR halves every whole number of steps (15 steps: every 2, 7
+    # halvings); stepped per epoch, 5 epochs would skip two of the halvings
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def check_masks(masks, where):
+    """Refuse masks (N, 1, S, S) all empty or all cell: the masker that drew them learned
+    nothing."""
+    for what, wrong in (("empty", not masks.any()), ("all cell", masks.all())):
+        if wrong:
+            raise DataError(f"{where}: every mask is {what}; draw them again with train_masker.py "
+                            f"(did it learn?) or train without --alpha and --mask-mode channel")
 
 def train_one_epoch(forward, model, data, optimizer, scheduler, scaler, autocast, class_w, channel,
                     args):
-    """One pass over `data` (one batch with --dry-run), this process on its share of each batch. Returns mean loss,
-    accuracy, share of samples with mask weights summing to 0, img/s, 1-based step of the first non-finite loss."""
+    """One pass over `data` (one batch with --dry-run), this process on its share of each batch.
+    Returns mean loss, accuracy, share of samples with mask weights summing to 0, img/s, 1-based
+    step of the first non-finite loss (0: none)."""
+    started = time.perf_counter()
     model.train()
-    totals, bad_step = torch.zeros(3, device=args.device), torch.zeros((), device=args.device)   # no host syncs
-    batches = batch_indices(len(data), args.batch_size, shuffle=True, drop_last=True)[:1 if args.dry_run else None]
-    start = time.perf_counter()
+    batches = batch_indices(len(data), args.batch_size, shuffle=True, drop_last=True)
+    if args.dry_run:
+        batches = batches[:1]
+    totals = torch.zeros(3, device=args.device)   # sums on the device: no host syncs
+    bad_step = torch.zeros((), device=args.device)
+    aug = dict(zoom=args.zoom, stain=args.stain, blur=args.blur)
+    # each process: its rows' loss over the whole batch's denominator (a sum over the processes)
+    all_sum = sum_over_processes if WORLD > 1 else None
     for step, idx in enumerate(batches, 1):
-        mine = slice(RANK * len(idx) // WORLD, (RANK + 1) * len(idx) // WORLD)   # this process's rows of the batch
-        x, m = make_batch(data.images, data.masks, idx, args.device, train=True, mask_channel=channel, part=mine,
-                          aug=dict(zoom=args.zoom, stain=args.stain, blur=args.blur), white=args.white_balance)
+        mine = slice(RANK * len(idx) // WORLD, (RANK + 1) * len(idx) // WORLD)   # my rows of it
+        x, mask = make_batch(data.images, data.masks, idx, args.device, train=True, part=mine,
+                             aug=aug, mask_channel=channel, white=args.white_balance)
         y = data.labels[idx[mine]].to(args.device, non_blocking=True)
         with autocast:
-            logit_map = forward(x, pooled=False).float()                  # (B, C, h, w)
-        # loss: this process's share of the batch's loss, over the whole batch's denominator
-        all_sum = sum_over_processes if WORLD > 1 else None
+            logit_map = forward(x, pooled=False).float()   # (B, C, h, w)
+        n_empty = y.new_zeros(())
         if args.alpha:
-            loss, n_empty = mask_weighted_ce(logit_map, y, m, args.alpha, class_w, all_sum)
+            loss, n_empty = mask_weighted_ce(logit_map, y, mask, args.alpha, class_w, all_sum)
         else:   # pooled (B, C): what inference sees
-            pooled = logit_map.mean((2, 3))
-            loss, n_empty = weighted_ce(pooled, y, class_w, all_sum), y.new_zeros(())
+            loss = weighted_ce(logit_map.mean((2, 3)), y, class_w, all_sum)
         optimizer.zero_grad(set_to_none=True)
         # DDP averages the processes' gradients: x WORLD, that is the gradient of the sum of shares
         scaler.scale(loss * WORLD).backward()
+        bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         if args.clip_grad:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -142,14 +213,13 @@ def train_one_epoch(forward, model, data, optimizer, scheduler, scaler, autocast
         scaler.update()
         scheduler.step()   # per step: the halvings fall at sevenths of the run, any epoch count
         correct = (logit_map.detach().mean((2, 3)).argmax(1) == y).sum()
-        shares = loss.detach() * len(idx)   # summed over the processes: the batch's loss x its size
-        totals += torch.stack([shares, correct, n_empty])
-        bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+        share = loss.detach() * len(idx)   # summed over the processes: the batch's loss x its size
+        totals += torch.stack([share, correct, n_empty])
     if WORLD > 1:   # sums over every process; any process's bad step stops them all
         dist.all_reduce(totals)
         bad_step = first_over_processes(bad_step, len(batches))
     seen = sum(len(idx) for idx in batches)   # images (not only this process's)
-    return (*(totals / seen).tolist(), seen / (time.perf_counter() - start), int(bad_step))
+    return (*(totals / seen).tolist(), seen / (time.perf_counter() - started), int(bad_step))
 
 def sum_over_processes(t):
     """t summed over every torchrun process (an all-reduce; no host sync on NCCL)."""
@@ -164,6 +234,15 @@ def first_over_processes(bad_step, n_steps):
     bad_step = torch.where(bad_step > 0, bad_step, n_steps + 1)
     dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
     return bad_step % (n_steps + 1)
+
+def why_broken(model, loss, bad_step):
+    """Why training must stop (None: it goes on): a non-finite loss, or non-finite weights."""
+    if bad_step:
+        return f"step {bad_step}: the loss is {loss} (not finite)"
+    weights = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if not all(t.isfinite().all() for t in weights):
+        return "the weights are not finite"
+    return None
 
 def stop_together(broken, device):
     """Why this process stops (or None) -> why any process stops.
@@ -196,138 +275,216 @@ def data_parallel(model, device):
     device_ids = [device.index] if device.type == "cuda" else None   # this process's one GPU
     return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-def main(argv=None):
-    args = parse_args(argv)
-    sys.stdout.reconfigure(errors="backslashreplace")   # undecodable name bytes print as \udcff
-    if WORLD > 1:   # torchrun: a process per device, each on its share of every batch; rank 0 alone prints and writes
-        args.device = "cpu" if args.device == "cpu" else f"cuda:{os.environ['LOCAL_RANK']}"
-        gpus = torch.cuda.device_count()
-        if args.device != "cpu" and int(os.environ["LOCAL_RANK"]) >= gpus:   # a GPU a process
-            sys.exit(f"torchrun: {os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine, "
-                     f"which has {gpus} GPU(s); use --nproc-per-node {gpus} (or --device cpu)")
-        if args.device != "cpu":   # NCCL and every kernel on this process's own GPU, not on GPU 0
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
-        atexit.register(dist.destroy_process_group)   # at the end, and on every error's way out
-        sys.stdout = sys.stdout if RANK == 0 else open(os.devnull, "w")
-    device, channel, ckpt_path = torch.device(args.device), args.mask_mode == "channel", args.out / "checkpoint.pt"
-    cuda, cache = device.type == "cuda", None if args.cache == "none" else args.cache
-    if args.amp == "auto":
-        args.amp = pick_amp(device)
-    amp = args.amp
-    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")   # fp16 gradients underflow without it
-    torch.backends.cudnn.benchmark = True   # fixed-size batches: cuDNN times its kernels once, keeps the fastest
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32-like accuracy, faster
-    torch.manual_seed(args.seed)   # shuffling, augmentation and init draw from torch's CPU RNG alone
-    print(f"device {device} x {WORLD} | amp {amp} | size {args.size} | {setting_name(args)} | out {args.out}")
-    claim_folder(args.out) if RANK == 0 else None   # refuses a second live run on the same folder
-    plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}   # what a checkpoint keeps
-    resume = load_checkpoint(ckpt_path, ("optimizer", "rng", "fingerprint"), plain, MAY_CHANGE) if args.resume else None
-    then = resume.get("world_size", WORLD) if resume else WORLD   # old checkpoints: unknown
-    if then != WORLD:   # other BatchNorm batches: not the killed run's continuation
-        sys.exit(f"--resume: {ckpt_path} was trained by {then} process(es), this run has "
-                 f"{WORLD} process(es); resume with torchrun --nproc-per-node {then}")
-    start = None if resume else load_checkpoint(args.init)["model"] if args.init else \
-        resnet34_state_dict(args.pretrained, args.weights)   # starting weights read before any decoding: fail fast
+def start_process_group(device):
+    """Under torchrun: this process's device (cuda:LOCAL_RANK, or cpu) and its process group."""
+    local_rank = int(os.environ["LOCAL_RANK"])
+    gpus = torch.cuda.device_count()
+    if device != "cpu" and local_rank >= gpus:   # a GPU a process
+        sys.exit(f"torchrun: {os.environ.get('LOCAL_WORLD_SIZE')} processes on this machine, "
+                 f"which has {gpus} GPU(s); use --nproc-per-node {gpus} (or --device cpu)")
+    if device != "cpu":   # NCCL and every kernel on this process's own GPU, not on GPU 0
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    atexit.register(dist.destroy_process_group)   # at the end, and on every error's way out
+    if RANK > 0:   # rank 0 alone prints
+        sys.stdout = open(os.devnull, "w")
+    return device
 
-    # 1. data: WBC_<split>/train with its masks (ground truth first, then generated), and WBC_100/val
-    dirs, need = wbc_dirs(args.data, args.split), args.alpha is not None or channel   # need: a mask for every image
-    train = load_set(dirs["train_data"], args.size, None, [dirs["train_mask"], args.masks / "train"] if need else [],
-                     cache, args.skip_bad, need_masks=need)
+def load_resume(path, plain, *required):
+    """The checkpoint of the killed run in --out, with the keys `required` besides the optimizer's
+    and RNG's; refused unless this run continues it."""
+    resume = load_checkpoint(path, ("optimizer", "rng", *required), plain, MAY_CHANGE)
+    then = resume.get("world_size", WORLD)   # old checkpoints: unknown
+    if then != WORLD:   # other BatchNorm batches: not the killed run's continuation
+        sys.exit(f"--resume: {path} was trained by {then} process(es), this run has "
+                 f"{WORLD} process(es); resume with torchrun --nproc-per-node {then}")
+    return resume
+
+def check_same_files(resume, path, **expected):
+    """Refuse a --resume on other files than the killed run's: each of `expected` (the data's
+    fingerprint, ...) must be the checkpoint's."""
+    if any(resume.get(key) != value for key, value in expected.items()):
+        sys.exit(f"--resume: {path} was trained on other files (images or masks changed since); "
+                 f"start afresh")
+
+def restore(resume, model, optimizer, scheduler, scaler):
+    """Put the killed run's weights, optimizer, schedule, grad scale and RNG back."""
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    if resume["scaler"] and scaler.is_enabled():   # --amp may change: the fp16 scale if both
+        scaler.load_state_dict(resume["scaler"])
+    torch.set_rng_state(resume["rng"]["torch"])   # last: the loop draws the unbroken run's batches
+
+def checkpoint_state(model, optimizer, scheduler, scaler, epoch, plain, log_rows, **more):
+    """All a --resume needs, as one plain dict; `more`: this script's own keys."""
+    return dict(
+        model=model.state_dict(),   # the unwrapped model's: no DDP "module." prefix
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        scaler=scaler.state_dict(),
+        epoch=epoch,
+        finished=False,
+        args=plain,
+        log_rows=log_rows,
+        world_size=WORLD,
+        rng={"torch": torch.get_rng_state()},   # CUDA's RNG: never drawn from
+        **more,
+    )
+
+def load_data(args, device):
+    """WBC_<split>/train (with a mask for every image if the loss or input uses masks: ground truth
+    first, then --masks'), WBC_100/val, the epochs of WBC_<split> and its class weights (C,) (None
+    without --balance)."""
+    cache = None if args.cache == "none" else args.cache
+    dirs = wbc_dirs(args.data, args.split)
+    channel = args.mask_mode == "channel"
+    need_masks = args.alpha is not None or channel
+    train_masks = [dirs["train_mask"], args.masks / "train"] if need_masks else []
+    train = load_set(dirs["train_data"], args.size, None, train_masks, cache, args.skip_bad,
+                     need_masks=need_masks)
     if len(train) < 2:   # BatchNorm cannot train on a batch of one
         raise DataError(f"{dirs['train_data']}: {len(train)} training image(s); BatchNorm needs 2")
-    val = load_set(dirs["val_data"], args.size, train.classes, [args.masks / "val"] if channel else [], cache,
-                   args.skip_bad, need_masks=channel)
+    val_masks = [args.masks / "val"] if channel else []
+    val = load_set(dirs["val_data"], args.size, train.classes, val_masks, cache, args.skip_bad,
+                   need_masks=channel)
     check_no_leakage(val, train)   # a val image in training: one line naming both
     wbc_100 = Path(args.data, "WBC_100", "train", "data")   # the epochs rule's reference
     n_full = len(image_keys(wbc_100)) or len(train)   # the images the loader reads
-    epochs = 1 if args.dry_run else max(1, round(args.epochs * n_full / len(train)))   # same epochs x images
+    epochs = 1 if args.dry_run else max(1, round(args.epochs * n_full / len(train)))
     counts = torch.bincount(train.labels, minlength=len(train.classes)).tolist()
     class_w = class_weights(counts).to(device) if args.balance else None
-    print(f"train {len(train)} images {dict(zip(train.classes, counts))} | val {len(val)} | {epochs} epochs")
-    if need and (not train.masks.any() or train.masks.all()):   # a masker that learned nothing
-        what = "empty" if not train.masks.any() else "all cell"
-        raise DataError(f"{args.masks / 'train'} (after {dirs['train_mask']}): every mask is "
-                        f"{what}; draw them again with train_masker.py (did it learn?) or train "
-                        f"without --alpha and --mask-mode channel")
+    print(f"train {len(train)} images {dict(zip(train.classes, counts))} | val {len(val)} | "
+          f"{epochs} epochs")
+    if need_masks:
+        check_masks(train.masks, f"{args.masks / 'train'} (after {dirs['train_mask']})")
     check_rows(len(train), args.batch_size, dirs["train_data"])
-    if resume and (resume["fingerprint"] != train.fingerprint or resume.get("classes") != train.classes):
-        sys.exit(f"--resume: {ckpt_path} was trained on other files (images or masks changed since); start afresh")
+    return train, val, epochs, class_w
 
-    # 2. model: ImageNet, a local file, our classifier's or masker's resnet34 (--init), or random (resumed: its own)
-    model = build_classifier(len(train.classes), 4 if channel else 3, start, args.init or args.weights or "ImageNet")
-    model = model.to(device, memory_format=torch.channels_last)   # NHWC: faster convolutions on GPUs and CPUs
+def starting_weights(args):
+    """The resnet34 state dict to start from: --init (our classifier's or masker's), --pretrained
+    or --weights (torchvision's), or None (random init)."""
+    if args.init:
+        return load_checkpoint(args.init)["model"]
+    return resnet34_state_dict(args.pretrained, args.weights)
+
+def validate(model, val, channel, device, autocast, args):
+    """Loss, accuracy and predicted classes (N,) on WBC_100/val, pooled as inference sees it."""
+    logits = infer(model, val.images, val.masks, args.batch_size * 2, device, autocast, channel,
+                   args.white_balance)   # (N, C)
+    loss = F.cross_entropy(logits, val.labels).item()
+    preds = logits.argmax(1)
+    accuracy = (preds == val.labels).float().mean().item()
+    return loss, accuracy, preds
+
+def why_scores_broken(val_loss, empty):
+    """Why training must stop (None: it goes on): a non-finite validation loss, or every sample's
+    mask weights summing to 0 (empty: their share)."""
+    if not math.isfinite(val_loss):
+        return f"the validation loss is {val_loss}"
+    if empty == 1:
+        return "every sample's mask weight (a1*m + a2) summed to 0: nothing to learn (empty masks?)"
+    return None
+
+def main(argv=None):
+    args = parse_args(argv)
+    sys.stdout.reconfigure(errors="backslashreplace")   # undecodable name bytes print as \udcff
+    ddp = WORLD > 1   # torchrun: a process per device, each on its share of every batch
+    if ddp:
+        args.device = start_process_group(args.device)
+        master_process = RANK == 0   # it alone prints and writes
+    else:
+        master_process = True
+    device = torch.device(args.device)
+    ckpt_path = args.out / "checkpoint.pt"
+    torch.manual_seed(args.seed)   # shuffling, augmentation and init: torch's CPU RNG alone
+    if args.amp == "auto":
+        args.amp = pick_amp(device)
+    autocast = torch.autocast(device.type, AMP_DTYPES[args.amp], enabled=args.amp != "off")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")   # fp16 grads underflow
+    torch.backends.cudnn.benchmark = True   # fixed-size batches: cuDNN times its kernels once
+    torch.backends.cuda.matmul.allow_tf32 = True   # as cuDNN's convolutions: fp32-like, faster
+    print(f"device {device} x {WORLD} | amp {args.amp} | size {args.size} | {setting_name(args)} | "
+          f"out {args.out}")
+    if master_process:
+        claim_folder(args.out)   # refuses a second live run on the same folder
+    plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    resume = load_resume(ckpt_path, plain, "fingerprint") if args.resume else None
+    weights = None if resume else starting_weights(args)   # fail fast
+
+    # 1. data: WBC_<split>/train with its masks (ground truth first, then generated), WBC_100/val
+    train, val, epochs, class_w = load_data(args, device)
+    if resume:
+        check_same_files(resume, ckpt_path, fingerprint=train.fingerprint, classes=train.classes)
+
+    # 2. model: ImageNet, a local file, our --init, or random: a resnet34 with a new fc
+    channel = args.mask_mode == "channel"   # the mask as a 4th input channel
+    model = build_classifier(len(train.classes), 4 if channel else 3, weights,
+                             args.init or args.weights or "ImageNet")
+    model = model.to(device, memory_format=torch.channels_last)   # NHWC: faster convolutions
     net = model
-    if WORLD > 1:   # same init on every rank
+    if ddp:   # DDP starts every rank from rank 0's weights
         model, net = data_parallel(model, device)
     forward = torch.compile(net) if args.compile else net
 
-    # 3. optimizer; LambdaLR stepped per step: 7 equal segments, each at half the lr of the last
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=cuda or None, foreach=not cuda or None)
-    batches = batch_indices(len(train), args.batch_size, shuffle=False, drop_last=True)   # no RNG
-    steps = len(batches)   # per epoch
-    if args.dry_run:
-        steps = 1
+    # 3. optimizer: Adam, its lr halved at each seventh of the run's steps
+    optimizer = adam(model, args.lr, device)
+    steps = 1 if args.dry_run else max(1, len(train) // args.batch_size)   # per epoch: drop_last
     scheduler = halving_schedule(optimizer, epochs * steps)
-    first, log_rows, saved = 1, [], "no checkpoint had been saved yet"
-    (args.out / "metrics.json").unlink(missing_ok=True) if RANK == 0 else None   # no old result beside this run's
     if resume and resume["scheduler"]["last_epoch"] != resume["epoch"] * steps:   # older: per epoch
         sys.exit(f"--resume: {ckpt_path} is of an older train_classifier.py (lr stepped per "
                  f"epoch); start afresh")
+    first = resume["epoch"] + 1 if resume else 1
+    log_rows = []
+    saved = "no checkpoint had been saved yet"
     if resume:
-        for part, name in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler")):
-            part.load_state_dict(resume[name])
-        if resume["scaler"] and scaler.is_enabled():   # --amp may change: fp16 scale if both
-            scaler.load_state_dict(resume["scaler"])
-        torch.set_rng_state(resume["rng"]["torch"])   # last: the loop draws the same batches as an unbroken run
-        first, log_rows, saved = resume["epoch"] + 1, resume["log_rows"], f"the last good checkpoint is {ckpt_path}"
+        log_rows = resume["log_rows"]
+        saved = f"the last good checkpoint is {ckpt_path}"
+        restore(resume, model, optimizer, scheduler, scaler)
+    if master_process:   # no old result stays beside this run's
+        (args.out / "metrics.json").unlink(missing_ok=True)
 
-    # 4. loop; checkpoint.pt and log.csv updated every `every` epochs (~20 saves: WBC_1 runs 1000s), from finite weights
-    every, start = args.save_every or max(1, epochs // 20), time.perf_counter()
+    # 4. loop; checkpoint.pt and log.csv every `every` epochs (~20 saves: WBC_1 runs 1000s)
+    every = args.save_every or max(1, epochs // 20)
+    started = time.perf_counter()
     for epoch in range(first, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         loss, acc, empty, speed, bad_step = train_one_epoch(
             forward, model, train, optimizer, scheduler, scaler, autocast, class_w, channel, args)
-        logits = infer(model, val.images, val.masks, args.batch_size * 2, device, autocast, channel, args.white_balance)
-        val_loss, preds = torch.nn.functional.cross_entropy(logits, val.labels).item(), logits.argmax(1)
-        val_acc = (preds == val.labels).float().mean().item()
-        finite = all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point())
-        broken = (f"step {bad_step}: the loss is {loss} (not finite)" if bad_step else
-                  "the weights are not finite" if not finite else
-                  f"the validation loss is {val_loss}" if not math.isfinite(val_loss) else
-                  "every sample's mask weight (a1*m + a2) summed to 0: nothing to learn (empty masks?)" if empty == 1
-                  else None)
-        if WORLD > 1:
+        val_loss, val_acc, preds = validate(model, val, channel, device, autocast, args)
+        at = f"epoch {epoch}/{epochs}"
+        broken = why_broken(model, loss, bad_step) or why_scores_broken(val_loss, empty)
+        if ddp:
             broken = stop_together(broken, device)
         if broken:
-            sys.exit(f"error: epoch {epoch}/{epochs} {broken}; stopped, {saved}. Try a lower --lr or --clip-grad")
-        eta = (time.perf_counter() - start) / (epoch - first + 1) * (epochs - epoch)
-        print(f"epoch {epoch}/{epochs} | train loss {loss:.4f} acc {100 * acc:.2f}% | val loss {val_loss:.4f} "
-              f"acc {100 * val_acc:.2f}% | lr {lr:.2e} | {speed:.0f} img/s | ETA {eta:.0f}s", flush=True)
-        log_rows.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_loss": val_loss,
-                         "val_acc": val_acc, "lr": lr, "img_s": speed, "empty_weight_share": empty})
-        state = dict(kind="classifier", model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
-                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epochs=epochs, args=plain,
-                     finished=epoch == epochs, log_rows=log_rows, classes=train.classes, fingerprint=train.fingerprint,
-                     rng={"torch": torch.get_rng_state()},   # CUDA's RNG: never drawn from
-                     world_size=WORLD)
-        if epoch % every == 0 and epoch < epochs and RANK == 0:   # the last epoch's is saved with the report
+            sys.exit(f"error: {at} {broken}; stopped, {saved}. Try a lower --lr or --clip-grad")
+        eta = (time.perf_counter() - started) / (epoch - first + 1) * (epochs - epoch)
+        print(f"{at} | train loss {loss:.4f} acc {acc:.2%} | val loss {val_loss:.4f} "
+              f"acc {val_acc:.2%} | lr {lr:.2e} | {speed:.0f} img/s | ETA {eta:.0f}s", flush=True)
+        log_rows.append(dict(epoch=epoch, train_loss=loss, train_acc=acc, val_loss=val_loss,
+                             val_acc=val_acc, lr=lr, img_s=speed, empty_weight_share=empty))
+        state = checkpoint_state(model, optimizer, scheduler, scaler, epoch, plain, log_rows,
+                                 kind="classifier", epochs=epochs, classes=train.classes,
+                                 fingerprint=train.fingerprint)
+        if master_process and epoch % every == 0 and epoch < epochs:   # the last: with the report
             save_checkpoint(state, ckpt_path)
             save_csv(log_rows, args.out / "log.csv")
             saved = f"the last good checkpoint is {ckpt_path} (epoch {epoch})"
-    if RANK > 0:
+    if not master_process:
         return None
 
-    # 5. report, and the final checkpoint with it
-    metrics = classification_metrics(confusion_matrix(val.labels, preds, len(train.classes)), train.classes)
-    metrics.update(split=args.split, setting=setting_name(args), epochs=epochs, train_images=len(train),
-                   seconds=time.perf_counter() - start, amp=amp)
-    save_checkpoint(state | {"metrics": metrics}, ckpt_path)
+    # 5. report: scores on WBC_100/val, and the finished checkpoint with them
+    confusion = confusion_matrix(val.labels, preds, len(train.classes))
+    metrics = classification_metrics(confusion, train.classes)
+    metrics.update(split=args.split, setting=setting_name(args), epochs=epochs,
+                   train_images=len(train), seconds=time.perf_counter() - started, amp=args.amp)
+    save_checkpoint(state | {"finished": True, "metrics": metrics}, ckpt_path)
     save_csv(log_rows, args.out / "log.csv")
     save_json(metrics, args.out / "metrics.json")
-    print(f"val accuracy {100 * metrics['accuracy']:.2f}% | balanced {100 * metrics['balanced_accuracy']:.2f}% | "
-          f"macro F1 {metrics['macro_f1']:.3f} | wrote checkpoint.pt, log.csv and metrics.json to {args.out}")
+    print(f"val accuracy {metrics['accuracy']:.2%} | balanced {metrics['balanced_accuracy']:.2%} | "
+          f"macro F1 {metrics['macro_f1']:.3f} | wrote checkpoint.pt, log.csv and metrics.json to "
+          f"{args.out}")
     return metrics
 
 if __name__ == "__main__":
@@ -336,7 +493,7 @@ if __name__ == "__main__":
             signal.signal(signum, interrupt)
     try:
         main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # Ctrl-C, or a signal as one: --resume goes on
         sys.exit("interrupted: --resume continues from the last checkpoint")
-    except DataError as e:
+    except DataError as e:   # one line, not a traceback
         sys.exit(f"error: {e}")
