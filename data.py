@@ -466,12 +466,14 @@ def white_balance(x, share=0.1):
 
 
 def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, part=slice(None),
-               white=False):
+               white=False, guide=None):
     """Rows `part` of batch `idx` of uint8 images (N, 3, S, S), masks (N, 1, S, S) or None.
 
     Returns x (B, 3|4: mask_channel, S, S), m (B, 1, S, S) or None; white_balance()d if
     `white`; augmented if `train`, with the whole batch's draws (as one process draws them),
-    but only rows `part` are copied to the device and augmented (data parallelism)."""
+    but only rows `part` are copied to the device and augmented (data parallelism).
+    guide (guide_for): ("crop", margin) crops each image to its mask's square before
+    augmentation; ("input", px) blanks what lies outside the grown mask after it."""
     rows = idx[part]
     x = images[rows].to(device, non_blocking=True).float().div_(255)
     if white:
@@ -479,11 +481,15 @@ def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, 
     m = None
     if masks is not None:
         m = masks[rows].to(device, non_blocking=True).float()
+    if guide and guide[0] == "crop":   # first: the cell fills the frame, then zoom and flips
+        x, m = crop_to_mask(x, m, guide[1])
     if train:   # draws for all len(idx) rows, so the RNG moves as one process's does
         x, m = augment(x, m, **(aug or {}), n=len(idx), part=part)
     mean = x.new_tensor(IMAGENET_MEAN)[:, None, None]   # as the pretrained encoder expects
     std = x.new_tensor(IMAGENET_STD)[:, None, None]
     x = (x - mean) / std
+    if guide and guide[0] == "input":   # after augmentation, which moved the mask with the cell
+        x = blank_background(x, m, guide[1])
     if mask_channel:
         x = torch.cat([x, m], dim=1)
     return x.contiguous(memory_format=torch.channels_last), m
@@ -491,15 +497,16 @@ def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, 
 
 @torch.inference_mode()
 def infer(model, images, masks=None, batch_size=64, device="cpu", autocast=None,
-          mask_channel=False, white=False):
-    """model(x) in eval mode for every image, in order (no augmentation; white: balanced): float
-    (N, ...) on the CPU."""
+          mask_channel=False, white=False, guide=None):
+    """model(x) in eval mode for every image, in order (no augmentation; white: balanced; guide:
+    as make_batch's): float (N, ...) on the CPU."""
     model.eval()
-    if not mask_channel:
+    if not mask_channel and not guide:
         masks = None
     out = []
     for idx in batch_indices(len(images), batch_size, shuffle=False):
-        x, _ = make_batch(images, masks, idx, device, False, mask_channel, white=white)
+        x, _ = make_batch(images, masks, idx, device, False, mask_channel, white=white,
+                          guide=guide)
         with autocast or torch.autocast(x.device.type, enabled=False):   # inputs stay float32
             out.append(model(x).float().cpu())
     return torch.cat(out)
@@ -732,6 +739,38 @@ def claim_folder(out):
 
 
 # -------------------------------------------------------------------- guidance: what the model sees
+
+MARGIN = 0.15   # crop: the square is 15% of the cell's box wider on each side (its rim, a context)
+
+
+def grow_px(size):
+    """How far a mask grows, in px at the working size: a 32nd of the side (4 px at 128)."""
+    return max(1, size // 32)
+
+
+def guide_for(mask_mode, size):
+    """make_batch's `guide` for a classifier's --mask-mode: ("input", px), ("crop", margin) or
+    None (loss, channel: the model sees the whole image)."""
+    if mask_mode == "input":
+        return ("input", grow_px(size))
+    if mask_mode == "crop":
+        return ("crop", MARGIN)
+    return None
+
+
+def resize_masks(masks, size):
+    """masks (N, 1, S, S) 0/1 -> (N, 1, size, size) uint8 0/1 (nearest: they stay 0/1)."""
+    resized = F.interpolate(masks.float(), size=(size, size), mode="nearest")
+    return resized.to(torch.uint8)
+
+
+def crop_to_mask(x, m, margin):
+    """x (B, 3, S, S), m (B, 1, S, S) -> both cropped to each mask's square (mask_boxes), at S."""
+    boxes = mask_boxes(m, margin)
+    size = x.shape[-1]
+    cropped = crop_boxes(x, boxes, size)
+    return cropped, crop_boxes(m, boxes, size, mode="nearest")
+
 
 def grow_mask(m, px):
     """m (B, 1, S, S) in {0, 1} -> (B, 1, S, S): the mask grown by `px` pixels every way (a

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from data import DataError, decode_all, infer, load_checkpoint, load_set, save_json, scan_folder
+from data import (DataError, decode_all, guide_for, infer, load_checkpoint, load_set,
+                  resize_masks, save_json, scan_folder)
 from losses import (classification_metrics, confusion_matrix, mask_counts, mask_metrics,
                     mean_image_dice)
 from resnet_cls import ResNetClassifier
@@ -32,8 +33,10 @@ def parse_args(argv=None):
                    help="a checkpoint.pt of train_classifier.py or train_masker.py")
     p.add_argument("--data", help="dataset root (scores WBC_100/val) or a <Class>/<image> folder "
                    "(default: the run's)")
-    p.add_argument("--mask-dir", help="masks <Class>/<stem>.png for --mask-mode channel "
-                   "(default: the run's MASKS/val)")
+    p.add_argument("--mask-dir", help="masks <Class>/<stem>.png for --mask-mode channel, input, "
+                   "crop (default: the run's MASKS/val)")
+    p.add_argument("--masker", help="a train_masker.py checkpoint: draws those masks first "
+                   "(--mask-dir wins)")
     p.add_argument("--pred-masks", help="folder of predicted masks <Class>/<stem>.png")
     p.add_argument("--true-masks", help="folder of ground-truth masks <Class>/<stem>.<ext>")
     p.add_argument("--size", type=int,
@@ -96,26 +99,53 @@ def evaluate_classifier(model, ckpt, folder, size, autocast, args):
     """The report's numbers of the classifier `model` on `folder`'s images at `size`, printed."""
     run = ckpt["args"]
     classes = ckpt["classes"]
-    channel = run.get("mask_mode") == "channel"   # the mask is a 4th input channel
+    mask_mode = run.get("mask_mode", "loss")
+    channel = mask_mode == "channel"   # the mask is a 4th input channel
+    seen_masks = mask_mode != "loss"   # channel, input, crop: the model sees the mask
+    drawn = seen_masks and args.masker and not args.mask_dir   # stage 1 first, as a user runs it
     own = None   # the run's own validation images: the only ones its MASKS/val are drawn for
     if "data" in run:
         own = (Path(run["data"]) / "WBC_100" / "val" / "data").resolve()
-    if channel and not args.mask_dir and folder.resolve() != own:   # same stems would fit silently
-        raise SystemExit(f"--data {args.data}: a mask-channel classifier needs masks of these "
-                         "images: give --mask-dir")
+    other = folder.resolve() != own
+    if seen_masks and not args.mask_dir and not drawn and other:   # same stems would fit silently
+        raise SystemExit(f"--data {args.data}: a --mask-mode {mask_mode} classifier needs masks "
+                         "of these images: give --masker or --mask-dir")
     masks = Path(args.mask_dir or Path(run.get("masks", "masks")) / "val")
-    data = load_set(folder, size, classes=classes, mask_dirs=[masks] if channel else [])
-    if channel and not data.has_mask.all():
-        raise DataError(f"{masks}: a mask-channel classifier needs a mask for every image "
-                        f"of {folder}")
+    read_masks = seen_masks and not drawn
+    data = load_set(folder, size, classes=classes, mask_dirs=[masks] if read_masks else [])
+    if drawn:
+        data.masks = draw_masks(args.masker, data.paths, size, autocast, args)
+        data.has_mask = torch.ones(len(data), dtype=torch.bool)
+    if seen_masks and not data.has_mask.all():
+        raise DataError(f"{masks}: a --mask-mode {mask_mode} classifier needs a mask for every "
+                        f"image of {folder}")
     white = run.get("white_balance", False)   # as the model was trained
+    guide = guide_for(mask_mode, size)
     logits = infer(model, data.images, data.masks, args.batch_size, args.device, autocast,
-                   channel, white)                                # (N, C)
+                   channel, white, guide)                         # (N, C)
     confusion = confusion_matrix(data.labels, logits.argmax(1), len(classes))
     metrics = classification_metrics(confusion, classes)
     print(f"{args.checkpoint} on {folder} ({len(data)} images)")
     print_classification(metrics, classes)
     return metrics | {"data": str(folder)}
+
+
+def draw_masks(masker_path, paths, size, autocast, args):
+    """(N, 1, size, size) 0/1 masks that the masker at `masker_path` draws on the images
+    `paths`: at test time no image comes with a mask."""
+    ckpt = load_checkpoint(masker_path)
+    if ckpt.get("kind") != "masker":
+        raise SystemExit(f"--masker {masker_path}: not a train_masker.py checkpoint")
+    model = load_model(ckpt, "masker", masker_path)
+    model = model.to(args.device, memory_format=torch.channels_last)
+    own_size = ckpt["args"]["size"]   # the UNet's: a multiple of 32
+    images, _, bad = decode_all("image", paths, own_size)
+    if bad:
+        raise DataError(f"unreadable images: {[str(paths[i]) for i in bad]}")
+    logits = infer(model, torch.from_numpy(images), None, args.batch_size, args.device, autocast)
+    cells = torch.sigmoid(logits) >= ckpt["args"].get("threshold", 0.5)   # (N, 1, S, S)
+    print(f"masks drawn by {masker_path} at {own_size} px")
+    return resize_masks(cells, size)
 
 
 def print_classification(metrics, classes):

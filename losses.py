@@ -221,19 +221,20 @@ def mean_image_dice(pred, target):
 
 # ---------------------------------------------------------------------------- guidance and audit
 
-def rrr_penalty(logits, x, outside, has_mask):
+def rrr_penalty(logits, x, outside, has_mask, all_sum=None):
     """"Right for the right reasons" (Ross et al. 2017): how much the input outside the cell moves
     the prediction.
 
     logits (B, C) computed from x (B, 3, H, W), which requires grad; outside (B, 1, H, W) is 1
-    where the model should not look; has_mask (B,) bool. Per image: sum over pixels and channels
-    of (outside * d(sum_c log p_c)/dx)^2; the mean over the images with a mask. The gradient keeps
-    its graph (create_graph=True), so the penalty itself trains the model (double backprop)."""
+    where the model should not look; has_mask (B,) bool; all_sum as share_of_mean's. Per image:
+    sum over pixels and channels of (outside * d(sum_c log p_c)/dx)^2; the mean over the images
+    with a mask. The gradient keeps its graph (create_graph=True), so the penalty itself trains
+    the model (double backprop)."""
     log_p = F.log_softmax(logits.float(), dim=1).sum()
     grad = torch.autograd.grad(log_p, x, create_graph=True)[0]   # (B, 3, H, W)
     looked = outside * grad                                      # where it should not look
     per_image = (looked ** 2).sum((1, 2, 3))                     # (B,)
-    return share_of_mean(per_image, has_mask.float())            # images without a mask weigh 0
+    return share_of_mean(per_image, has_mask.float(), all_sum)   # images without a mask weigh 0
 
 
 def cohen_kappa(first, second, num_classes):

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from data import (IMAGE_EXTS, DataError, atomic_write, claim_folder, decode_all, infer, list_images,
-                  load_checkpoint, make_batch, save_csv, save_json, save_mask_png)
+from data import (IMAGE_EXTS, DataError, atomic_write, claim_folder, decode_all, guide_for, infer,
+                  list_images, load_checkpoint, make_batch, resize_masks, save_csv, save_json,
+                  save_mask_png)
 from losses import (classification_metrics, confusion_matrix, mask_counts, mask_metrics,
                     mean_image_dice)
 from resnet_cls import ResNetClassifier
@@ -119,7 +120,8 @@ def load_models(masker, classifier):
 
 
 @torch.no_grad()
-def adapt_batchnorm(model, images, masks, batch_size, device, mask_channel=False, white=False):
+def adapt_batchnorm(model, images, masks, batch_size, device, mask_channel=False, white=False,
+                    guide=None):
     """AdaBN: every BatchNorm layer's running mean and variance become the statistics of
     `images` (N, 3, S, S) uint8, averaged over batches of `batch_size` (cumulative average, so
     the order does not matter); nothing else changes; a last batch of one image joins the batch
@@ -136,7 +138,7 @@ def adapt_batchnorm(model, images, masks, batch_size, device, mask_channel=False
         batches[-2:] = [torch.cat(batches[-2:])]
     for idx in batches:
         x, _ = make_batch(images, masks, idx, device, train=False, mask_channel=mask_channel,
-                          white=white)
+                          white=white, guide=guide)
         model(x)
     return model.eval()
 
@@ -310,13 +312,18 @@ def predict_classes(model, ckpt, names, decode, masks, adapt_bn, batch_size, dev
     """(CSV rows: path, predicted class, a probability per class; the scores of a <Class>/<image>
     folder of known classes, or None)."""
     classes = ckpt["classes"]
-    channel = ckpt["args"].get("mask_mode") == "channel"
+    mask_mode = ckpt["args"].get("mask_mode", "loss")
+    channel = mask_mode == "channel"
     white = ckpt["args"].get("white_balance", False)
-    images, _ = decode(ckpt["args"]["size"])
+    size = ckpt["args"]["size"]
+    guide = guide_for(mask_mode, size)   # input, crop: the mask limits what the model sees
+    images, _ = decode(size)
+    if masks is not None:   # drawn at the masker's size
+        masks = resize_masks(masks, size)
     model.to(device, memory_format=torch.channels_last)
     if adapt_bn:
-        adapt_batchnorm(model, images, masks, batch_size, device, channel, white)
-    logits = infer(model, images, masks, batch_size, device, autocast, channel, white)
+        adapt_batchnorm(model, images, masks, batch_size, device, channel, white, guide)
+    logits = infer(model, images, masks, batch_size, device, autocast, channel, white, guide)
     probs = logits.softmax(1)   # (N, C)
     rows = csv_rows(names, probs, classes)
     return rows, score_classes(names, probs, classes)
@@ -360,24 +367,24 @@ def main(argv=None):
           f"| device {device}")
     decode = decoder(paths)
     scores = {}
-    masks_by_size = {}
+    masks = None
     rows = None
-    # 1. masks (the classifier may read them as a 4th channel)
+    # 1. masks (the classifier may see them: --mask-mode channel, input, crop)
     if "masker" in models:
         model, ckpt = models["masker"]
         masks, score = predict_masks(model, ckpt, paths, names, folder, decode, stage,
                                      args.adapt_bn, args.batch_size, device, autocast)
-        masks_by_size[ckpt["args"]["size"]] = masks
+
         if score:
             scores["masker"] = score
     # 2. classes
     if "classifier" in models:
         model, ckpt = models["classifier"]
-        size = ckpt["args"]["size"]
-        if ckpt["args"].get("mask_mode") == "channel" and size not in masks_by_size:
-            raise SystemExit(f"{args.classifier}: reads masks as a 4th channel: give --masker "
-                             "(of the same --size)")
-        rows, score = predict_classes(model, ckpt, names, decode, masks_by_size.get(size),
+        mask_mode = ckpt["args"].get("mask_mode", "loss")
+        if mask_mode != "loss" and masks is None:   # channel, input, crop
+            raise SystemExit(f"{args.classifier}: --mask-mode {mask_mode} sees the cell's mask: "
+                             "give --masker")
+        rows, score = predict_classes(model, ckpt, names, decode, masks,
                                       args.adapt_bn, args.batch_size, device, autocast)
         if score:
             scores["classifier"] = score

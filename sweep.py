@@ -45,6 +45,9 @@ BASE_SETTINGS = {
     "alpha1_0": ["--alpha", "1", "0"],
     "alpha-1_1": ["--alpha", "-1", "1"],
     "channel": ["--mask-mode", "channel"],
+    "input": ["--mask-mode", "input"],   # the background blanked: the model sees the cell
+    "crop": ["--mask-mode", "crop"],     # the cell's square, at --size
+    "nomask_rrr1": ["--rrr", "1"],       # the input gradient penalised outside the mask
 }
 # each setting as is, then with --balance
 SETTINGS = {name + suffix: flags + extra for name, flags in BASE_SETTINGS.items()
@@ -55,7 +58,9 @@ GRID = {   # the grid flags' defaults (None: --masker-seeds follows --seeds)
     "splits": [100, 10],
     "seeds": [0, 1, 2],
     "masker_seeds": None,
-    "settings": list(SETTINGS),
+    # the report's settings; the guidance ones (input, crop, nomask_rrr1) when asked for
+    "settings": [name for name in SETTINGS
+                 if not name.startswith(("input", "crop")) and "_rrr" not in name],
     "masker_losses": MASKER_LOSSES,
 }
 CACHE = ".cache/decoded"   # the trainers' default decode cache: the leakage guard shares it

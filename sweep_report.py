@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import (DataError, atomic_write, infer, load_checkpoint, load_set, save_json, wbc_dirs,
-                  white_balance)
+from data import (DataError, atomic_write, guide_for, infer, load_checkpoint, load_set, save_json,
+                  wbc_dirs, white_balance)
 from losses import cohen_kappa
 from resnet_cls import ResNetClassifier
 
@@ -124,20 +124,21 @@ def cam_inside(maps, classes, masks):
     return torch.where(total > 0, inside / total.clamp_min(1e-12), float("nan"))
 
 def load_run(folder, device):
-    """(model giving logit maps, checkpoint, mask channel?, load_val's 5-tuple) of a finished
+    """(model giving logit maps, checkpoint, its --mask-mode, load_val's 5-tuple) of a finished
     classifier run."""
     ckpt = load_checkpoint(Path(folder) / "checkpoint.pt", ("classes",))
     run = ckpt["args"]   # read only keys every version has
-    channel = run.get("mask_mode") == "channel"
+    mode = run.get("mask_mode", "loss")
+    channel = mode == "channel"
     model = ResNetClassifier(len(ckpt["classes"]), 4 if channel else 3)
     model.load_state_dict(ckpt["model"])
     model.forward = model.forward_map
     classes = tuple(ckpt["classes"])   # a tuple: load_val's cache key
     val = load_val(str(run["data"]), run["split"], run["size"], classes, str(run["masks"]))
-    if channel and val[2] is None:
-        raise DataError(f"{folder}: a mask-channel model, and {run['masks']}/val lacks masks of "
-                        f"val images")
-    return model.to(device, memory_format=torch.channels_last), ckpt, channel, val
+    if mode != "loss" and val[2] is None:
+        raise DataError(f"{folder}: a --mask-mode {mode} model, and {run['masks']}/val lacks "
+                        f"masks of val images")
+    return model.to(device, memory_format=torch.channels_last), ckpt, mode, val
 
 def pick_amp(device):
     """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else
@@ -147,16 +148,19 @@ def pick_amp(device):
         return "bf16" if native_bf16 else "fp16"
     return "bf16" if torch.cpu._is_avx512_bf16_supported() else "off"
 
-def logit_maps(model, images, masks, channel, device):
-    """(N, C, h, w) float on the CPU; autocast by the trainers' rule for `device`."""
+def logit_maps(model, images, masks, mode, device):
+    """(N, C, h, w) float on the CPU, the images seen as --mask-mode `mode` sees them; autocast
+    by the trainers' rule for `device`."""
     amp = pick_amp(device)
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16   # inference: fp16 needs no scaler
     autocast = torch.autocast(device.type, dtype, enabled=amp != "off")
-    return infer(model, images, masks, 64, device, autocast, mask_channel=channel)
+    guide = guide_for(mode, images.shape[-1])
+    channel = mode == "channel"
+    return infer(model, images, masks, 64, device, autocast, channel, guide=guide)
 
-def predictions(model, view, channel, device):
-    """(N,) classes of one view (images, their 4th channel): the argmax of the mean logit."""
-    return logit_maps(model, *view, channel, device).mean((2, 3)).argmax(1)
+def predictions(model, view, mode, device):
+    """(N,) classes of one view (images, their masks): the argmax of the mean logit."""
+    return logit_maps(model, *view, mode, device).mean((2, 3)).argmax(1)
 
 def balanced(images, chunk=64):
     """uint8 images as the classifier sees them under --white-balance (data.white_balance)."""
@@ -166,12 +170,17 @@ def balanced(images, chunk=64):
         out[start:start + chunk] = (white_balance(x) * 255).round().to(torch.uint8)
     return out
 
-def blanked_views(images, masks, gen_masks, white):
-    """{'full', 'cell', 'background': (uint8 images, their 4th channel or None)}, as the
-    classifier sees them: white-balanced first (then blanked), and no cell in the
-    background-only view's 4th channel."""
+def blanked_views(images, masks, gen_masks, white, hides=False):
+    """{'full', 'cell', 'background': (uint8 images, their masks or None)}, as the classifier
+    sees them: white-balanced first (then blanked), and no cell in the background-only view's
+    4th channel. hides (--mask-mode input, crop): the background-only view keeps the cell's mask,
+    so the model sees only the painted-over cell: near chance, if the mask hides the rest."""
     seen = balanced(images) if white else images
-    no_cell = None if gen_masks is None else torch.zeros_like(gen_masks)
+    no_cell = None
+    if gen_masks is not None and not hides:
+        no_cell = torch.zeros_like(gen_masks)
+    if hides:
+        no_cell = gen_masks
     return {
         "full": (seen, gen_masks),
         "cell": (blank(seen, masks, "cell"), gen_masks),
@@ -185,12 +194,13 @@ def agreement(a, b):
 def audit_run(folder, device):
     """audit.json: accuracy on full, cell-only and background-only val images, agreement, CAM
     share in the mask."""
-    model, ckpt, channel, (images, labels, gen_masks, masks, source) = load_run(folder, device)
-    views = blanked_views(images, masks, gen_masks, bool(ckpt["args"].get("white_balance")))
-    maps = logit_maps(model, *views["full"], channel, device)
+    model, ckpt, mode, (images, labels, gen_masks, masks, source) = load_run(folder, device)
+    white = bool(ckpt["args"].get("white_balance"))
+    views = blanked_views(images, masks, gen_masks, white, mode in ("input", "crop"))
+    maps = logit_maps(model, *views["full"], mode, device)
     preds = maps.mean((2, 3)).argmax(1)
-    cell = predictions(model, views["cell"], channel, device)
-    back = predictions(model, views["background"], channel, device)
+    cell = predictions(model, views["cell"], mode, device)
+    back = predictions(model, views["background"], mode, device)
     n_classes = len(ckpt["classes"])
     record = {
         "version": AUDIT_VERSION,
@@ -584,12 +594,12 @@ def plot_accuracy_vs_split(plt, classifiers, path):
 def plot_examples(plt, folder, path, device, per_class=2):
     """A few val cells of each class under one run's true-class activation (positive logit map,
     upsampled)."""
-    model, ckpt, channel, (images, labels, gen_masks, masks, _) = load_run(folder, device)
+    model, ckpt, mode, (images, labels, gen_masks, masks, _) = load_run(folder, device)
     classes = [c[:4] for c in ckpt["classes"]]
     pick = torch.cat([(labels == c).nonzero()[:per_class, 0] for c in range(len(classes))])
     seen = balanced(images[pick]) if ckpt["args"].get("white_balance") else images[pick]
     fourth = None if gen_masks is None else gen_masks[pick]
-    maps = logit_maps(model, seen, fourth, channel, device)
+    maps = logit_maps(model, seen, fourth, mode, device)
     up = positive_cam(maps, labels[pick], images.shape[-2:])
     fig, axes = plt.subplots(1, len(pick), figsize=(1.4 * len(pick), 1.9), squeeze=False)
     for j, (ax, i) in enumerate(zip(axes[0], pick.tolist())):

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import evaluate
+import predict
 import train_classifier
 import train_masker
 from synth import write_synth
@@ -52,3 +53,29 @@ def test_classifier_with_masks_beats_majority(tiny, masker_run, tmp_path):
     saved = json.loads(report.read_text())
     assert scored["accuracy"] == pytest.approx(metrics["accuracy"])
     assert {"accuracy", "balanced_accuracy", "macro_f1", "per_class_error", "confusion"} <= saved.keys()
+
+
+def test_crop_classifier_runs_through_the_masker(tiny, masker_run, tmp_path):
+    """The two stages as a user runs them: a `crop` classifier trained on the masker's masks,
+    then scored and used on images that come without masks: the masker draws them first."""
+    masks, _ = masker_run
+    out = tmp_path / "crop"
+    metrics = train_classifier.main(["--data", str(tiny), "--split", "100", "--size", "32",
+                                     "--mask-mode", "crop", "--masks", str(masks / "masks"),
+                                     "--epochs", "7", "--batch-size", "16", "--lr", "1e-3",
+                                     "--out", str(out), "--device", "cpu"])
+    assert metrics["setting"] == "crop"
+    assert metrics["accuracy"] > metrics["majority_baseline"] + 0.1
+    val = tiny / "WBC_100" / "val" / "data"
+    with pytest.raises(SystemExit, match="--masker"):   # another folder: its masks are unknown
+        evaluate.main([str(out / "checkpoint.pt"), "--data", str(tmp_path / "elsewhere")])
+    scored = evaluate.main([str(out / "checkpoint.pt"), "--data", str(val),
+                            "--masker", str(masks / "checkpoint.pt")])
+    assert scored["accuracy"] == pytest.approx(metrics["accuracy"], abs=0.05)
+    predicted = predict.main([str(val), "--masker", str(masks / "checkpoint.pt"),
+                              "--classifier", str(out / "checkpoint.pt"),
+                              "--out", str(tmp_path / "predicted")])
+    assert predicted["classifier"]["accuracy"] == pytest.approx(scored["accuracy"], abs=0.02)
+    with pytest.raises(SystemExit, match="give --masker"):   # a crop needs a mask
+        predict.main([str(val), "--classifier", str(out / "checkpoint.pt"),
+                      "--out", str(tmp_path / "no_masker")])

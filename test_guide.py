@@ -38,7 +38,7 @@ def test_blank_background_of_an_empty_mask_keeps_the_image():
     m[1, :, 0, 0] = 1
     out = blank_background(x, m, grow_px=0)
     assert out[0].equal(x[0])
-    assert out[1].sum() == x[1, :, 0, 0].sum()
+    assert out[1].sum().item() == pytest.approx(x[1, :, 0, 0].sum().item())
 
 
 def test_mask_box_is_the_square_around_the_bounding_box():
@@ -132,3 +132,25 @@ def test_cohen_kappa_of_a_model_that_says_one_class_is_zero():
     constant = torch.zeros(5, dtype=torch.long)
     assert cohen_kappa(truth, constant, 3) == pytest.approx(0.0)   # raw agreement 60%, no skill
     assert cohen_kappa(constant, constant, 3) == 1.0
+
+
+def test_make_batch_crops_before_and_blanks_after_normalising():
+    from data import IMAGENET_MEAN, IMAGENET_STD, guide_for, make_batch
+    images = (torch.arange(64, dtype=torch.float32).reshape(1, 1, 8, 8) * 3).repeat(1, 3, 1, 1)
+    images = images.to(torch.uint8)
+    masks = block(8, 2, 2, 4, 4).to(torch.uint8)
+    idx = torch.tensor([0])
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    plain, _ = make_batch(images, masks, idx, "cpu", False)
+    x, m = make_batch(images, masks, idx, "cpu", False, guide=("crop", 0.0))
+    cropped = crop_boxes(images.float() / 255, mask_boxes(masks.float(), 0.0), 8)
+    assert torch.allclose(x[0], (cropped[0] - mean) / std, atol=1e-5)
+    assert m.eq(1).all()   # the box is the cell: the cropped mask fills the frame
+    x, _ = make_batch(images, masks, idx, "cpu", False, guide=("input", 1))
+    inside = block(8, 1, 1, 6, 6).bool()[0, 0]
+    assert torch.allclose(x[0][:, inside], plain[0][:, inside])
+    assert x[0][:, ~inside].eq(0).all()   # 0 after normalising: ImageNet's mean colour
+    assert guide_for("crop", 128) == ("crop", 0.15)
+    assert guide_for("input", 128) == ("input", 4)
+    assert guide_for("loss", 128) is None and guide_for("channel", 128) is None

@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import (SPLITS, DataError, batch_indices, check_no_leakage, claim_folder, image_keys,
-                  infer, load_checkpoint, load_set, make_batch, save_checkpoint, save_csv,
-                  save_json, wbc_dirs)
+from data import (SPLITS, DataError, batch_indices, check_no_leakage, claim_folder, grow_mask,
+                  grow_px, guide_for, image_keys, infer, load_checkpoint, load_set, make_batch,
+                  save_checkpoint, save_csv, save_json, wbc_dirs)
 from losses import (check_alpha, class_weights, classification_metrics, confusion_matrix,
-                    mask_weighted_ce, weighted_ce)
+                    mask_weighted_ce, rrr_penalty, weighted_ce)
 from resnet_cls import build_classifier, resnet34_state_dict
 
 RANK = int(os.environ.get("RANK", 0))   # torchrun sets both
@@ -53,8 +53,11 @@ def parse_args(argv=None):
     g = p.add_argument_group("mask guidance and model")
     g.add_argument("--alpha", type=float, nargs=2, metavar=("A1", "A2"),
                    help="loss weight A1*mask + A2 (none: CE)")
-    g.add_argument("--mask-mode", default="loss", choices=("loss", "channel"),
-                   help="channel: mask as 4th input")
+    g.add_argument("--mask-mode", default="loss", choices=("loss", "channel", "input", "crop"),
+                   help="channel: mask as 4th input; input: background blanked; crop: the cell's "
+                   "square (15%% margin) at --size")
+    g.add_argument("--rrr", type=float, default=0.0, metavar="LAMBDA",
+                   help="penalise the input gradient outside the mask (Ross et al. 2017)")
     g.add_argument("--balance", action="store_true",
                    help="class weights 1/count, rescaled to mean 1")
     weights = g.add_mutually_exclusive_group()   # each sets the starting weights
@@ -96,6 +99,12 @@ def parse_args(argv=None):
     g.add_argument("--dry-run", action="store_true",
                    help="one batch, one epoch, outputs under runs/dry_run")
     args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+def check_args(p, args):
+    """One argparse error per broken rule, so the user reads which rule failed; settles
+    --device, --masks and --out."""
     if args.batch_size % WORLD:   # every process gets an equal share
         p.error(f"--batch-size {args.batch_size}: need a multiple of the {WORLD} process(es)")
     if args.batch_size < 2 * WORLD:   # BatchNorm cannot train on one row
@@ -116,6 +125,10 @@ def parse_args(argv=None):
         p.error("need --epochs >= 1")
     if args.seed < 0 or args.save_every < 0:
         p.error("need --seed, --save-every >= 0")
+    if not 0 <= args.rrr < math.inf:
+        p.error("need finite --rrr >= 0")
+    if args.rrr and args.mask_mode != "loss":
+        p.error("--rrr: with --mask-mode loss only (the input gradient of RGB pixels)")
     if args.alpha is not None and check_alpha(*args.alpha):   # e.g. negative weights
         p.error(f"--alpha: {check_alpha(*args.alpha)}")
     if args.device == "auto":
@@ -130,7 +143,6 @@ def parse_args(argv=None):
     for folder in (args.masks, args.out):
         if folder.is_file():
             p.error(f"{folder}: a file where a folder belongs")
-    return args
 
 def setting_name(args):
     """Folder-friendly name of the setting: nomask, alpha-1_1, channel_alpha1_0, ..., + _balance,
@@ -138,8 +150,10 @@ def setting_name(args):
     name = "nomask"
     if args.alpha is not None:
         name = f"alpha{args.alpha[0]:g}_{args.alpha[1]:g}"
-    if args.mask_mode == "channel":
-        name = "channel" if args.alpha is None else f"channel_{name}"
+    if args.mask_mode != "loss":
+        name = args.mask_mode if args.alpha is None else f"{args.mask_mode}_{name}"
+    if args.rrr:
+        name += f"_rrr{args.rrr:g}"
     return name + "_balance" * args.balance + "_white" * args.white_balance
 
 def pick_amp(device):
@@ -188,20 +202,17 @@ def train_one_epoch(forward, model, data, optimizer, scheduler, scaler, autocast
     totals = torch.zeros(3, device=args.device)   # sums on the device: no host syncs
     bad_step = torch.zeros((), device=args.device)
     aug = dict(zoom=args.zoom, stain=args.stain, blur=args.blur)
+    guide = guide_for(args.mask_mode, args.size)
     # each process: its rows' loss over the whole batch's denominator (a sum over the processes)
     all_sum = sum_over_processes if WORLD > 1 else None
     for step, idx in enumerate(batches, 1):
         mine = slice(RANK * len(idx) // WORLD, (RANK + 1) * len(idx) // WORLD)   # my rows of it
         x, mask = make_batch(data.images, data.masks, idx, args.device, train=True, part=mine,
-                             aug=aug, mask_channel=channel, white=args.white_balance)
+                             aug=aug, mask_channel=channel, white=args.white_balance, guide=guide)
         y = data.labels[idx[mine]].to(args.device, non_blocking=True)
-        with autocast:
-            logit_map = forward(x, pooled=False).float()   # (B, C, h, w)
-        n_empty = y.new_zeros(())
-        if args.alpha:
-            loss, n_empty = mask_weighted_ce(logit_map, y, mask, args.alpha, class_w, all_sum)
-        else:   # pooled (B, C): what inference sees
-            loss = weighted_ce(logit_map.mean((2, 3)), y, class_w, all_sum)
+        has_mask = data.has_mask[idx[mine]].to(args.device)
+        loss, n_empty, logits = batch_loss(forward, x, y, mask, has_mask, autocast, class_w,
+                                           all_sum, args)
         optimizer.zero_grad(set_to_none=True)
         # DDP averages the processes' gradients: x WORLD, that is the gradient of the sum of shares
         scaler.scale(loss * WORLD).backward()
@@ -212,7 +223,7 @@ def train_one_epoch(forward, model, data, optimizer, scheduler, scaler, autocast
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()   # per step: the halvings fall at sevenths of the run, any epoch count
-        correct = (logit_map.detach().mean((2, 3)).argmax(1) == y).sum()
+        correct = (logits.argmax(1) == y).sum()
         share = loss.detach() * len(idx)   # summed over the processes: the batch's loss x its size
         totals += torch.stack([share, correct, n_empty])
     if WORLD > 1:   # sums over every process; any process's bad step stops them all
@@ -220,6 +231,25 @@ def train_one_epoch(forward, model, data, optimizer, scheduler, scaler, autocast
         bad_step = first_over_processes(bad_step, len(batches))
     seen = sum(len(idx) for idx in batches)   # images (not only this process's)
     return (*(totals / seen).tolist(), seen / (time.perf_counter() - started), int(bad_step))
+
+def batch_loss(forward, x, y, mask, has_mask, autocast, class_w, all_sum, args):
+    """This process's share of the batch's loss, its samples whose mask weights sum to 0, and
+    the pooled logits (B, C), detached."""
+    if args.rrr:   # the penalty differentiates the prediction by the input pixels
+        x.requires_grad_(True)
+    with autocast:
+        logit_map = forward(x, pooled=False).float()   # (B, C, h, w)
+    logits = logit_map.mean((2, 3))   # (B, C): what inference sees
+    n_empty = y.new_zeros(())
+    if args.alpha:
+        loss, n_empty = mask_weighted_ce(logit_map, y, mask, args.alpha, class_w, all_sum)
+    else:
+        loss = weighted_ce(logits, y, class_w, all_sum)
+    if args.rrr:
+        outside = 1 - grow_mask(mask, grow_px(args.size))
+        penalty = rrr_penalty(logits, x, outside, has_mask, all_sum)
+        loss = loss + args.rrr * penalty
+    return loss, n_empty, logits.detach()
 
 def sum_over_processes(t):
     """t summed over every torchrun process (an all-reduce; no host sync on NCCL)."""
@@ -339,16 +369,18 @@ def load_data(args, device):
     without --balance)."""
     cache = None if args.cache == "none" else args.cache
     dirs = wbc_dirs(args.data, args.split)
-    channel = args.mask_mode == "channel"
-    need_masks = args.alpha is not None or channel
-    train_masks = [dirs["train_mask"], args.masks / "train"] if need_masks else []
+    seen_masks = args.mask_mode != "loss"   # channel, input, crop: at training and test time
+    need_masks = args.alpha is not None or seen_masks
+    train_masks = [dirs["train_mask"], args.masks / "train"]
+    if not need_masks and not args.rrr:   # --rrr: on the images that have a mask
+        train_masks = []
     train = load_set(dirs["train_data"], args.size, None, train_masks, cache, args.skip_bad,
                      need_masks=need_masks)
     if len(train) < 2:   # BatchNorm cannot train on a batch of one
         raise DataError(f"{dirs['train_data']}: {len(train)} training image(s); BatchNorm needs 2")
-    val_masks = [args.masks / "val"] if channel else []
+    val_masks = [args.masks / "val"] if seen_masks else []
     val = load_set(dirs["val_data"], args.size, train.classes, val_masks, cache, args.skip_bad,
-                   need_masks=channel)
+                   need_masks=seen_masks)
     check_no_leakage(val, train)   # a val image in training: one line naming both
     wbc_100 = Path(args.data, "WBC_100", "train", "data")   # the epochs rule's reference
     n_full = len(image_keys(wbc_100)) or len(train)   # the images the loader reads
@@ -359,6 +391,9 @@ def load_data(args, device):
           f"{epochs} epochs")
     if need_masks:
         check_masks(train.masks, f"{args.masks / 'train'} (after {dirs['train_mask']})")
+    if seen_masks:   # the masker found no cell: the whole image is kept
+        empty = (train.masks.amax((1, 2, 3)) == 0).sum().item()
+        print(f"{args.mask_mode}: {empty} training image(s) with an empty mask, seen whole")
     check_rows(len(train), args.batch_size, dirs["train_data"])
     return train, val, epochs, class_w
 
@@ -371,8 +406,9 @@ def starting_weights(args):
 
 def validate(model, val, channel, device, autocast, args):
     """Loss, accuracy and predicted classes (N,) on WBC_100/val, pooled as inference sees it."""
+    guide = guide_for(args.mask_mode, args.size)
     logits = infer(model, val.images, val.masks, args.batch_size * 2, device, autocast, channel,
-                   args.white_balance)   # (N, C)
+                   args.white_balance, guide)   # (N, C)
     loss = F.cross_entropy(logits, val.labels).item()
     preds = logits.argmax(1)
     accuracy = (preds == val.labels).float().mean().item()

@@ -96,6 +96,12 @@ def parse_args(argv=None):
     g.add_argument("--dry-run", action="store_true",
                    help="one batch, one epoch a stage, outputs under runs/dry_run")
     args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+def check_args(p, args):
+    """One argparse error per broken rule, so the user reads which rule failed; settles
+    --device and --out."""
     if args.batch_size % WORLD:   # every process gets an equal share
         p.error(f"--batch-size {args.batch_size}: need a multiple of the {WORLD} process(es)")
     if args.batch_size < 2 * WORLD:   # BatchNorm cannot train on one row
@@ -132,7 +138,6 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: not available here (no CUDA; use cpu)")
     runs = Path("runs/dry_run" if args.dry_run else "runs")   # never fed to a real run
     args.out = Path(args.out or runs / f"masker_WBC_{args.split}")
-    return args
 
 def pick_amp(device):
     """The --amp auto rule: bf16 where `device` computes it natively, fp16 on older GPUs, else
