@@ -47,7 +47,7 @@ BASE_SETTINGS = {
     "channel": ["--mask-mode", "channel"],
     "input": ["--mask-mode", "input"],   # the background blanked: the model sees the cell
     "crop": ["--mask-mode", "crop"],     # the cell's square, at --size
-    "nomask_rrr1": ["--rrr", "1"],       # the input gradient penalised outside the mask
+    "nomask_rrr0.01": ["--rrr", "0.01"],   # the input gradient penalised outside the mask
 }
 # each setting as is, then with --balance
 SETTINGS = {name + suffix: flags + extra for name, flags in BASE_SETTINGS.items()
@@ -58,7 +58,7 @@ GRID = {   # the grid flags' defaults (None: --masker-seeds follows --seeds)
     "splits": [100, 10],
     "seeds": [0, 1, 2],
     "masker_seeds": None,
-    # the report's settings; the guidance ones (input, crop, nomask_rrr1) when asked for
+    # the report's settings; the guidance ones (input, crop, nomask_rrr0.01) when asked for
     "settings": [name for name in SETTINGS
                  if not name.startswith(("input", "crop")) and "_rrr" not in name],
     "masker_losses": MASKER_LOSSES,
