@@ -12,8 +12,8 @@ install:
 
 demo: install synth masker classifier evaluate
 
-synth:
-	$(PY) synth.py $(DATA) --scale 0.1 --size 128 --seed 0
+synth:   # once: synth.py refuses a non-empty folder (its --force replaces it)
+	test -d $(DATA)/WBC_100 || $(PY) synth.py $(DATA) --scale 0.1 --size 128 --seed 0
 
 masker:
 	$(PY) train_masker.py --data $(DATA) --split 100 --pretrain-on $(DATA)/CAM16 --pretrain-epochs 2 --size $(SIZE) \
