@@ -176,15 +176,13 @@ def blanked_views(images, masks, gen_masks, white, hides=False):
     4th channel. hides (--mask-mode input, crop): the background-only view keeps the cell's mask,
     so the model sees only the painted-over cell: near chance, if the mask hides the rest."""
     seen = balanced(images) if white else images
-    no_cell = None
-    if gen_masks is not None and not hides:
-        no_cell = torch.zeros_like(gen_masks)
-    if hides:
-        no_cell = gen_masks
+    background_masks = gen_masks   # input, crop: where the cell was, now painted over
+    if gen_masks is not None and not hides:   # a channel model: no cell in its 4th channel
+        background_masks = torch.zeros_like(gen_masks)
     return {
         "full": (seen, gen_masks),
         "cell": (blank(seen, masks, "cell"), gen_masks),
-        "background": (blank(seen, masks, "background"), no_cell),
+        "background": (blank(seen, masks, "background"), background_masks),
     }
 
 def agreement(a, b):

@@ -210,7 +210,9 @@ def train_one_epoch(forward, model, data, optimizer, scheduler, scaler, autocast
         x, mask = make_batch(data.images, data.masks, idx, args.device, train=True, part=mine,
                              aug=aug, mask_channel=channel, white=args.white_balance, guide=guide)
         y = data.labels[idx[mine]].to(args.device, non_blocking=True)
-        has_mask = data.has_mask[idx[mine]].to(args.device)
+        has_mask = None   # only --rrr reads it: no copy to the device otherwise
+        if args.rrr:
+            has_mask = data.has_mask[idx[mine]].to(args.device, non_blocking=True)
         loss, n_empty, logits = batch_loss(forward, x, y, mask, has_mask, autocast, class_w,
                                            all_sum, args)
         optimizer.zero_grad(set_to_none=True)
