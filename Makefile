@@ -5,7 +5,7 @@ DATA ?= data
 SIZE ?= 64
 RUNS ?= runs
 
-.PHONY: install demo synth masker classifier evaluate test tecom300 crossdomain crossdomain-seeds
+.PHONY: install demo synth masker classifier evaluate test tecom300 crossdomain crossdomain-seeds crossdomain-guide
 
 install:
 	$(PY) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r requirements.txt
@@ -77,4 +77,33 @@ crossdomain-seeds: install
 		"synth_tecom_white --lr 3e-4 --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt"; do \
 		set -- $$run; name=$$1; shift; printf "%-18s seed $$seed: " $$name; \
 		$(PY) train_classifier.py $(ONTECOM) --lr 1e-3 "$$@" --seed $$seed --out $(XD)/seeds/$${name}_$$seed | tail -1; \
+	done; done
+
+# mask guidance across microscopes: synthetic (rendered at 256 px, so a crop is as sharp as a real
+# cell) -> tecom300 val, and tecom300 -> synthetic val; nomask, input, crop; seeds 0-2 (~90 min on 2
+# cores). At test time the source's own masker draws the masks (the target's are never used).
+# Classifiers keep 20% of their training images out (--holdout 0.2): the temperature is fitted there.
+# A rerun skips every run with a metrics.json.
+XG ?= $(RUNS)/crossdomain_guide
+DATA256 ?= data256
+GUIDE_SEEDS ?= 0 1 2
+crossdomain-guide: install
+	test -d $(DATA256)/WBC_100 || $(PY) synth.py $(DATA256) --scale 0.1 --size 256 --seed 0
+	test -f $(XG)/masker_synth/metrics.json || $(PY) train_masker.py --data $(DATA256) --split 100 \
+		--size $(XDSIZE) --epochs 15 --batch-size 8 --lr 2e-3 $(NEWSCOPE) --out $(XG)/masker_synth
+	test -f $(XG)/masker_tecom/metrics.json || $(PY) train_masker.py --data $(TECOM) --split 100 \
+		--size $(XDSIZE) --epochs 30 --batch-size 8 $(NEWSCOPE) --out $(XG)/masker_tecom
+	for seed in $(GUIDE_SEEDS); do for mode in nomask input crop; do \
+		guide=$$(test $$mode = nomask || echo --mask-mode $$mode); \
+		test -f $(XG)/synth_$${mode}_$$seed/metrics.json || $(PY) train_classifier.py --data $(DATA256) \
+			--split 100 --size $(XDSIZE) --epochs 5 --batch-size 16 --lr 1e-3 $(NEWSCOPE) $$guide --holdout 0.2 \
+			--masks $(XG)/masker_synth/masks --seed $$seed --out $(XG)/synth_$${mode}_$$seed | tail -2; \
+		test -f $(XG)/tecom_$${mode}_$$seed/metrics.json || $(PY) train_classifier.py $(ONTECOM) --lr 1e-3 \
+			$(NEWSCOPE) $$guide --holdout 0.2 --masks $(XG)/masker_tecom/masks --seed $$seed \
+			--out $(XG)/tecom_$${mode}_$$seed | tail -2; \
+		for source in synth tecom; do for target in $(DATA256) $(TECOM); do \
+			masker=$$(test $$mode = nomask || echo --masker $(XG)/masker_$$source/checkpoint.pt); \
+			$(PY) evaluate.py $(XG)/$${source}_$${mode}_$$seed/checkpoint.pt --data $$target $$masker \
+				--json $(XG)/$${source}_$${mode}_$$seed/on_$$(basename $$target).json | tail -2; \
+		done; done; \
 	done; done

@@ -497,18 +497,26 @@ def make_batch(images, masks, idx, device, train, mask_channel=False, aug=None, 
 
 @torch.inference_mode()
 def infer(model, images, masks=None, batch_size=64, device="cpu", autocast=None,
-          mask_channel=False, white=False, guide=None):
+          mask_channel=False, white=False, guide=None, tta=False):
     """model(x) in eval mode for every image, in order (no augmentation; white: balanced; guide:
-    as make_batch's): float (N, ...) on the CPU."""
+    as make_batch's): float (N, ...) on the CPU. tta: the 8 views of d4_views in one forward
+    pass, merged by tta_mean (batch_size counts views, so memory stays the same)."""
     model.eval()
     if not mask_channel and not guide:
         masks = None
+    if tta:
+        batch_size = max(1, batch_size // 8)
     out = []
     for idx in batch_indices(len(images), batch_size, shuffle=False):
         x, _ = make_batch(images, masks, idx, device, False, mask_channel, white=white,
                           guide=guide)
+        if tta:
+            x = d4_views(x).contiguous(memory_format=torch.channels_last)
         with autocast or torch.autocast(x.device.type, enabled=False):   # inputs stay float32
-            out.append(model(x).float().cpu())
+            y = model(x).float().cpu()
+        if tta:
+            y = tta_mean(y)
+        out.append(y)
     return torch.cat(out)
 
 
@@ -850,3 +858,17 @@ def d4_undo(maps):
     upright = [torch.rot90(view, -k, dims=(-2, -1)) for view, k in zip(views, turns)]
     upright[4:] = [view.flip(-1) for view in upright[4:]]   # and the flipped half flipped back
     return torch.stack(upright)
+
+
+def tta_mean(logits):
+    """Logits of the mean probability over d4_views' 8 views.
+
+    A classifier's (8 * B, C) -> (B, C): the log of the mean softmax. A masker's logit maps
+    (8 * B, 1, H, W) -> (B, 1, H, W), each turned back upright first: the logit of the mean
+    sigmoid. Probabilities are averaged, not logits: one sure view cannot outvote seven."""
+    tiny = torch.finfo(logits.dtype).tiny   # a probability of 0 stays a finite logit
+    if logits.ndim == 2:
+        probs = logits.softmax(1).unflatten(0, (8, -1)).mean(0)   # (B, C)
+        return probs.clamp_min(tiny).log()
+    probs = d4_undo(logits.sigmoid()).mean(0)   # (B, 1, H, W)
+    return torch.logit(probs, eps=1e-6)

@@ -1,10 +1,12 @@
 """Score a classifier (the report's per-class error table with weighted mean and std, accuracy,
-balanced accuracy, macro F1, the majority baseline, the confusion matrix) or a masker (pixel error,
-IoU, Dice of the cell class).
+balanced accuracy, macro F1, the majority baseline, the confusion matrix; NLL, Brier score and ECE
+before and after the temperature its --holdout fitted) or a masker (pixel error, IoU, Dice of the
+cell class).
 
     python evaluate.py runs/classifier_WBC_10_alpha-1_1/checkpoint.pt   # on DATA/WBC_100/val
     python evaluate.py CKPT --data some/other/<Class>/<image>/folder --json r.json   # any folder
     python evaluate.py runs/masker_WBC_10/checkpoint.pt                  # on WBC_100/val/mask
+    python evaluate.py CKPT --tta --reliability r.png   # 8 views each; a reliability diagram
     python evaluate.py --pred-masks runs/masker_WBC_10/masks/val --true-masks data/WBC_100/val/mask
 """
 import argparse
@@ -15,8 +17,8 @@ import torch
 
 from data import (DataError, decode_all, guide_for, infer, load_checkpoint, load_set,
                   resize_masks, save_json, scan_folder)
-from losses import (classification_metrics, confusion_matrix, mask_counts, mask_metrics,
-                    mean_image_dice)
+from losses import (calibration, classification_metrics, confusion_matrix, mask_counts,
+                    mask_metrics, mean_image_dice, reliability_bins)
 from resnet_cls import ResNetClassifier
 from unet import UNet
 
@@ -44,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--tta", action="store_true",
+                   help="mean probability over the 8 flips and quarter turns (masks drawn too)")
+    p.add_argument("--reliability", help="a classifier's reliability diagram to this PNG "
+                   "(needs matplotlib)")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
     if bool(args.pred_masks) != bool(args.true_masks):
@@ -56,6 +62,8 @@ def parse_args(argv=None):
         p.error("--size must be >= 32")
     if args.json and Path(args.json).is_dir():
         p.error(f"--json {args.json}: is a folder; give a file name")
+    if args.reliability and Path(args.reliability).is_dir():
+        p.error(f"--reliability {args.reliability}: is a folder; give a file name")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.split(":")[0] not in ("cpu", "cuda"):
@@ -122,12 +130,17 @@ def evaluate_classifier(model, ckpt, folder, size, autocast, args):
     white = run.get("white_balance", False)   # as the model was trained
     guide = guide_for(mask_mode, size)
     logits = infer(model, data.images, data.masks, args.batch_size, args.device, autocast,
-                   channel, white, guide)                         # (N, C)
+                   channel, white, guide, args.tta)               # (N, C)
     confusion = confusion_matrix(data.labels, logits.argmax(1), len(classes))
     metrics = classification_metrics(confusion, classes)
+    temperature = ckpt.get("temperature", 1.0)   # fitted on the run's --holdout (1: none)
+    calibrated = calibration(logits, data.labels, temperature)
     print(f"{args.checkpoint} on {folder} ({len(data)} images)")
     print_classification(metrics, classes)
-    return metrics | {"data": str(folder)}
+    print_calibration(calibrated)
+    if args.reliability:
+        draw_reliability(logits, data.labels, temperature, args.reliability)
+    return metrics | {"data": str(folder), "tta": args.tta, "calibration": calibrated}
 
 
 def draw_masks(masker_path, paths, size, autocast, args):
@@ -142,9 +155,10 @@ def draw_masks(masker_path, paths, size, autocast, args):
     images, _, bad = decode_all("image", paths, own_size)
     if bad:
         raise DataError(f"unreadable images: {[str(paths[i]) for i in bad]}")
-    logits = infer(model, torch.from_numpy(images), None, args.batch_size, args.device, autocast)
+    logits = infer(model, torch.from_numpy(images), None, args.batch_size, args.device, autocast,
+                   tta=args.tta)
     cells = torch.sigmoid(logits) >= ckpt["args"].get("threshold", 0.5)   # (N, 1, S, S)
-    print(f"masks drawn by {masker_path} at {own_size} px")
+    print(f"masks drawn by {masker_path} at {own_size} px" + " with --tta" * args.tta)
     return resize_masks(cells, size)
 
 
@@ -164,6 +178,39 @@ def print_classification(metrics, classes):
         print(f"{j:>2} {name:<{width}} " + " ".join(f"{count:>5}" for count in row))
 
 
+def print_calibration(calibrated):
+    """NLL, Brier score and ECE before and after the checkpoint's temperature."""
+    before = calibrated["before"]
+    after = calibrated["after"]
+    print(f"calibration, temperature {calibrated['temperature']:.3f} (1: the run had no "
+          f"--holdout): NLL {before['nll']:.3f} -> {after['nll']:.3f} | Brier "
+          f"{before['brier']:.3f} -> {after['brier']:.3f} | ECE (15 bins) {before['ece']:.3f} -> "
+          f"{after['ece']:.3f}")
+
+
+def draw_reliability(logits, labels, temperature, path):
+    """Accuracy against top probability in 15 bins, before and after `temperature`, to the PNG
+    `path`; a note instead without matplotlib."""
+    try:
+        import matplotlib.pyplot as plt
+        plt.switch_backend("Agg")   # files only, no display
+    except ImportError:
+        print("matplotlib is not installed: no reliability diagram (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(4, 4))
+    centres = (torch.arange(15) + 0.5) / 15
+    for name, t in (("raw", 1.0), (f"T = {temperature:.2f}", temperature)):
+        count, _, correct = reliability_bins((logits / t).softmax(1), labels)
+        used = count > 0   # an empty bin has no accuracy
+        ax.plot(centres[used], correct[used] / count[used], "o-", label=name)
+    ax.plot([0, 1], [0, 1], "k:", label="calibrated")
+    ax.set(xlabel="top probability (15 bins)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def evaluate_masker(model, ckpt, folder, size, autocast, args):
     """Mask scores of the masker `model` on `folder`'s images that have a true mask, printed."""
     if size % 32:
@@ -173,10 +220,12 @@ def evaluate_masker(model, ckpt, folder, size, autocast, args):
     data = data.subset(data.has_mask)
     if len(data) == 0:
         raise DataError(f"{truth}: no ground-truth masks to score the masker against")
-    logits = infer(model, data.images, None, args.batch_size, args.device, autocast)
+    logits = infer(model, data.images, None, args.batch_size, args.device, autocast,
+                   tta=args.tta)
     cells = torch.sigmoid(logits) >= ckpt["args"].get("threshold", 0.5)   # as the masker draws
-    title = f"{args.checkpoint} on {len(data)} masks of {folder}"
-    return mask_report(cells, data.masks > 0, title) | {"data": str(folder), "n": len(data)}
+    title = f"{args.checkpoint} on {len(data)} masks of {folder}" + " with --tta" * args.tta
+    scores = mask_report(cells, data.masks > 0, title)
+    return scores | {"data": str(folder), "n": len(data), "tta": args.tta}
 
 
 def compare_mask_folders(pred_dir, true_dir, size):

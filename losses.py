@@ -259,7 +259,7 @@ def fit_temperature(logits, labels, steps=100):
 
     logits (N, C) of held-out images, labels (N,). T is fitted as log T, so it stays positive;
     T > 1 softens over-confident probabilities. Dividing by T never changes the argmax."""
-    logits = logits.detach().float()
+    logits = logits.detach().float().clone()   # infer()'s are inference tensors: no autograd
     log_t = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps, line_search_fn="strong_wolfe")
 
@@ -273,25 +273,42 @@ def fit_temperature(logits, labels, steps=100):
     return log_t.exp().item()
 
 
+def reliability_bins(probs, labels, bins=15):
+    """The reliability diagram's counts of probabilities (N, C) against labels (N,): the images
+    fall into `bins` equal-width bins of their top probability; per bin (bins,) each: the
+    images, their summed top probability, their correct predictions."""
+    confidence, predicted = probs.double().max(1)
+    correct = (predicted == labels).double()
+    which = (confidence * bins).ceil().long().clamp(1, bins) - 1   # b holds (b/bins, (b+1)/bins]
+    count = torch.bincount(which, minlength=bins)
+    confidence_sum = confidence.new_zeros(bins).index_add(0, which, confidence)
+    correct_sum = correct.new_zeros(bins).index_add(0, which, correct)
+    return count, confidence_sum, correct_sum
+
+
 def calibration_metrics(probs, labels, bins=15):
     """NLL, Brier score and expected calibration error of probabilities (N, C) against labels
     (N,).
 
-    ECE: the images fall into `bins` equal-width bins of their top probability; each bin adds
-    its share of images times |accuracy - mean top probability| (Guo et al. 2017)."""
+    ECE: each of reliability_bins' bins adds its share of images times |its accuracy - its mean
+    top probability| (Guo et al. 2017)."""
     probs = probs.double()
     nll = F.nll_loss(probs.clamp_min(1e-12).log(), labels)   # mean -log p of the true class
     one_hot = F.one_hot(labels, probs.shape[1])                # (N, C)
     brier = ((probs - one_hot) ** 2).sum(1).mean()
-    confidence, predicted = probs.max(1)
-    correct = (predicted == labels).double()
-    which = (confidence * bins).ceil().long().clamp(1, bins) - 1   # b holds (b/bins, (b+1)/bins]
+    _, confidence_sum, correct_sum = reliability_bins(probs, labels, bins)
     # a bin's share n_b / N times |its accuracy - its mean confidence| is |its summed gap| / N
-    gap = correct - confidence                                 # (N,)
-    gap_per_bin = correct.new_zeros(bins).index_add(0, which, gap)   # (bins,) summed gaps
-    ece = gap_per_bin.abs().sum() / len(labels)
+    ece = (correct_sum - confidence_sum).abs().sum() / len(labels)
     return {
         "nll": nll.item(),
         "brier": brier.item(),
         "ece": ece.item()
     }
+
+
+def calibration(logits, labels, temperature):
+    """calibration_metrics of softmax(logits (N, C)) against labels (N,), before and after
+    dividing the logits by `temperature`."""
+    before = calibration_metrics(logits.softmax(1), labels)
+    after = calibration_metrics((logits / temperature).softmax(1), labels)
+    return {"temperature": temperature, "before": before, "after": after}

@@ -4,10 +4,13 @@ person can scan.
     python predict.py FOLDER --classifier runs/classifier_WBC_100_alpha-1_1/checkpoint.pt --out OUT
     python predict.py FOLDER --masker runs/masker_WBC_100/checkpoint.pt --classifier CKPT --out OUT
     python predict.py FOLDER --classifier CKPT --adapt-bn --out OUT   # a new microscope's images
+    python predict.py FOLDER --classifier CKPT --tta --review-below 0.8 --out OUT   # 8 views each
 
-Writes to --out: predictions.csv (path, predicted class, one probability column per class) with a
-classifier; with a masker, masks/<path>.png (0/255, the image's own size) and overlays/<path>.png
-(the mask's outline on the image). A FOLDER laid out as <Class>/<image> whose classes the
+Writes to --out: predictions.csv (path, predicted class, one probability column per class,
+calibrated by the temperature the classifier's --holdout fitted; review: "yes" where the top
+probability is below --review-below, for a person to check) with a classifier; with a masker,
+masks/<path>.png (0/255, the image's own size) and overlays/<path>.png (the mask's outline on the
+image). A FOLDER laid out as <Class>/<image> whose classes the
 classifier knows is also scored (accuracy, balanced accuracy), and with a sibling mask/ folder the
 masks too (Dice), as evaluate.py does. Scores go to scores.json. A rerun into one --out replaces
 the last run's CSV, masks/, overlays/ and scores.json (never a masks/ that predict.py did not
@@ -59,6 +62,10 @@ def parse_args(argv=None):
                    help="output folder (predictions.csv, masks/, overlays/, scores.json)")
     p.add_argument("--adapt-bn", action="store_true",
                    help="recompute BatchNorm statistics on FOLDER first (AdaBN)")
+    p.add_argument("--tta", action="store_true",
+                   help="mean probability over the 8 flips and quarter turns (both models)")
+    p.add_argument("--review-below", type=float, default=0.0, metavar="P",
+                   help="flag images whose top class probability is below P (0 = none)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="images per forward pass (and per AdaBN batch)")
     p.add_argument("--device", default="auto",
@@ -68,6 +75,8 @@ def parse_args(argv=None):
         p.error("give --classifier, --masker or both")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
+    if not 0 <= args.review_below <= 1:
+        p.error("--review-below must be a probability in [0, 1]")
     if args.adapt_bn and args.batch_size < 2:
         p.error("--batch-size must be at least 2 with --adapt-bn (AdaBN needs batch statistics)")
     if args.device == "auto":
@@ -260,7 +269,7 @@ def score_masks(cells, names, folder, size):
 
 
 def predict_masks(model, ckpt, paths, names, folder, decode, stage, adapt_bn, batch_size, device,
-                  autocast):
+                  autocast, tta=False):
     """Masks and overlays of every image into `stage`. Returns (masks (N, 1, S, S) uint8, scores
     against a sibling mask/ folder or None)."""
     size = ckpt["args"]["size"]
@@ -269,7 +278,7 @@ def predict_masks(model, ckpt, paths, names, folder, decode, stage, adapt_bn, ba
     model.to(device, memory_format=torch.channels_last)
     if adapt_bn:
         adapt_batchnorm(model, images, None, batch_size, device)
-    logits = infer(model, images, None, batch_size, device, autocast)   # (N, 1, S, S)
+    logits = infer(model, images, None, batch_size, device, autocast, tta=tta)   # (N, 1, S, S)
     prob = torch.sigmoid(logits)
     cells = prob >= threshold   # one rule everywhere: probability >= threshold is cell
     for i, (path, name) in enumerate(zip(paths, names)):
@@ -287,13 +296,15 @@ def top_folder(name):
     return None
 
 
-def csv_rows(names, probs, classes):
-    """A row per image: path, predicted class, a probability per class (probs (N, C))."""
+def csv_rows(names, probs, classes, review_below=0.0):
+    """A row per image: path, predicted class, a probability per class (probs (N, C)), and
+    review "yes" where the top probability is below `review_below`."""
     rows = []
     for name, p in zip(names, probs):
         row = {"path": name, "predicted": classes[int(p.argmax())]}
         for c, v in zip(classes, p):
             row[c] = f"{float(v):.4f}"
+        row["review"] = "yes" if p.max() < review_below else ""
         rows.append(row)
     return rows
 
@@ -308,9 +319,10 @@ def score_classes(names, probs, classes):
     return classification_metrics(conf, classes)
 
 
-def predict_classes(model, ckpt, names, decode, masks, adapt_bn, batch_size, device, autocast):
-    """(CSV rows: path, predicted class, a probability per class; the scores of a <Class>/<image>
-    folder of known classes, or None)."""
+def predict_classes(model, ckpt, names, decode, masks, adapt_bn, batch_size, device, autocast,
+                    tta=False, review_below=0.0):
+    """(CSV rows: path, predicted class, a calibrated probability per class, review; the scores
+    of a <Class>/<image> folder of known classes, or None)."""
     classes = ckpt["classes"]
     mask_mode = ckpt["args"].get("mask_mode", "loss")
     channel = mask_mode == "channel"
@@ -323,9 +335,10 @@ def predict_classes(model, ckpt, names, decode, masks, adapt_bn, batch_size, dev
     model.to(device, memory_format=torch.channels_last)
     if adapt_bn:
         adapt_batchnorm(model, images, masks, batch_size, device, channel, white, guide)
-    logits = infer(model, images, masks, batch_size, device, autocast, channel, white, guide)
-    probs = logits.softmax(1)   # (N, C)
-    rows = csv_rows(names, probs, classes)
+    logits = infer(model, images, masks, batch_size, device, autocast, channel, white, guide, tta)
+    temperature = ckpt.get("temperature", 1.0)   # fitted on the run's --holdout (1: none)
+    probs = (logits / temperature).softmax(1)   # (N, C)
+    rows = csv_rows(names, probs, classes, review_below)
     return rows, score_classes(names, probs, classes)
 
 
@@ -364,7 +377,7 @@ def main(argv=None):
     stage = out / ".predict.new"   # this run's masks and overlays, swapped in whole at the end
     shutil.rmtree(stage, ignore_errors=True)
     print(f"{len(paths)} images under {folder} | {' and '.join(models)} | adapt BN {args.adapt_bn} "
-          f"| device {device}")
+          f"| tta {args.tta} | device {device}")
     decode = decoder(paths)
     scores = {}
     masks = None
@@ -373,7 +386,7 @@ def main(argv=None):
     if "masker" in models:
         model, ckpt = models["masker"]
         masks, score = predict_masks(model, ckpt, paths, names, folder, decode, stage,
-                                     args.adapt_bn, args.batch_size, device, autocast)
+                                     args.adapt_bn, args.batch_size, device, autocast, args.tta)
 
         if score:
             scores["masker"] = score
@@ -384,8 +397,9 @@ def main(argv=None):
         if mask_mode != "loss" and masks is None:   # channel, input, crop
             raise SystemExit(f"{args.classifier}: --mask-mode {mask_mode} sees the cell's mask: "
                              "give --masker")
-        rows, score = predict_classes(model, ckpt, names, decode, masks,
-                                      args.adapt_bn, args.batch_size, device, autocast)
+        rows, score = predict_classes(model, ckpt, names, decode, masks, args.adapt_bn,
+                                      args.batch_size, device, autocast, args.tta,
+                                      args.review_below)
         if score:
             scores["classifier"] = score
     # 3. report
@@ -407,6 +421,9 @@ def report(scores, rows, masked, out, seconds):
     wrote = []
     if rows:
         wrote.append("predictions.csv")
+        flagged = sum(row["review"] == "yes" for row in rows)
+        print(f"{flagged} of {len(rows)} image(s) flagged for review (top probability below "
+              f"--review-below)")
     if masked:
         wrote += ["masks/", "overlays/"]
     if scores:

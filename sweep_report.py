@@ -22,6 +22,9 @@ from resnet_cls import ResNetClassifier
 
 # every mask setting vs both; alpha0_1: the same per-location loss, uniform weights
 CONTROLS = ("nomask", "alpha0_1")
+# the primary test, fixed before the guidance runs: each of these modes minus nomask in val
+# accuracy, paired by seed, Holm-corrected over the modes the sweep ran; all else is exploratory
+PRIMARY = ("input", "crop", "nomask_rrr")
 CACHE = ".cache/decoded"   # the trainers' default decode cache: the audit shares it
 AUDIT_VERSION = 6          # bump when audit_run changes, so older audit.json files are redone
 
@@ -305,6 +308,26 @@ def paired(a, b):
     p_t = paired_t_p(mean, std, n)
     return {"mean": mean, "std": std, "n": n, "p_t": p_t, "p_perm": sign_flip_p(diffs)}
 
+def holm(p_values):
+    """Holm's step-down adjusted p-values, in the order given: the k-th smallest p times (m - k),
+    never below the one before it, at most 1. A NaN p (undefined) counts as 1."""
+    ps = [1.0 if math.isnan(p) else p for p in p_values]
+    order = sorted(range(len(ps)), key=ps.__getitem__)
+    adjusted = [1.0] * len(ps)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted
+
+def primary_tests(stats):
+    """The PRIMARY modes' val accuracy minus nomask's (comparisons() rows), each with its Holm
+    p over the modes present."""
+    rows = [r for r in stats if r["metric"] == "accuracy" and r["control"] == "nomask"]
+    rows = [r for r in rows if r["setting"].startswith(PRIMARY) and "_balance" not in r["setting"]]
+    adjusted = holm([r["p_t"] for r in rows])
+    return [r | {"p_holm": p} for r, p in zip(rows, adjusted)]
+
 def by_seed(runs, key):
     """{seed: value(run, key)} of the runs that have it."""
     values = {}
@@ -466,6 +489,14 @@ def paired_row(r):
     p_perm = p_text(r["p_perm"])
     return [f"WBC_{r['split']}", difference, r["n"], mean, std, p_t, p_perm]
 
+PRIMARY_HEADER = ["split", "difference", "seeds", "mean diff (points)", "std of diffs",
+                  "p (paired t)", "p (Holm)"]
+
+def primary_table(primary):
+    """primary_tests() rows as a table: paired_row's columns with the Holm p for the last."""
+    rows = [paired_row(r)[:-1] + [p_text(r["p_holm"])] for r in primary]
+    return md_table(PRIMARY_HEADER, rows)
+
 def paired_tables(stats):
     """One table per metric of PAIRED_METRICS from comparisons() rows."""
     tables = []
@@ -516,7 +547,12 @@ def result_lines(maskers, classifiers, stats):
         mean_table(maskers, "loss", MASKER_COLUMNS), "",
         "## Classifier (stage 2) on WBC_100/val, mean ± sample std over seeds", "",
         mean_table(classifiers, "setting", CLASSIFIER_COLUMNS), "",
-        "## Mask settings vs the controls, paired by seed", "",
+        "## Primary test: each guidance mode minus nomask, val accuracy", "",
+        f"Fixed before the runs: the modes {', '.join(PRIMARY)} (those the sweep ran) minus "
+        "`nomask`, paired by seed, paired t, Holm-corrected over those modes. Every other "
+        "comparison below is exploratory (uncorrected).", "",
+        primary_table(primary_tests(stats)), "",
+        "## Mask settings vs the controls, paired by seed (exploratory)", "",
         PAIRED_NOTE, "",
         paired_tables(stats), "",
         "## Class balance: per-class error, each setting next to its --balance twin", "",
@@ -542,7 +578,7 @@ def report(out, cfg, maskers, classifiers, missing, figures):
         "missing": missing,
         "figures": list(map(str, figures)),
         "maskers": maskers,
-        "stats": {"paired": stats},
+        "stats": {"paired": stats, "primary": primary_tests(stats)},
         "classifiers": classifiers,
     }
     save_json(record, out / "results.json")

@@ -176,7 +176,7 @@ def test_predict_writes_csv_masks_and_overlays_for_nested_folders(tmp_path):
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["path"] for r in rows] == ["a/b/img1.jpg", "a/img0.jpg", "c/d/e/img2.jpg"]
-    assert list(rows[0]) == ["path", "predicted", "A", "B"]
+    assert list(rows[0]) == ["path", "predicted", "A", "B", "review"]
     assert all(abs(float(r["A"]) + float(r["B"]) - 1) < 1e-3 and r["predicted"] in ("A", "B") for r in rows)
     for r in rows:
         mask = np.asarray(Image.open(out / "masks" / r["path"].replace(".jpg", ".png")))

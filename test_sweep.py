@@ -55,6 +55,27 @@ def test_paired_by_hand():
     assert one["n"] == 1 and math.isnan(one["p_t"]) and one["p_perm"] == 1.0
 
 
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04: x3 = 0.03, x2 = 0.06, x1 = 0.04 -> kept at 0.06 (never below the one before)
+    assert sweep_report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert sweep_report.holm([0.5, 0.4]) == pytest.approx([0.8, 0.8])      # 2 x 0.4 = 0.8; then 0.5 -> 0.8
+    assert sweep_report.holm([0.9, float("nan")]) == pytest.approx([1.0, 1.0])   # NaN counts as 1
+
+
+def test_primary_tests_are_the_guidance_modes_minus_nomask_in_val_accuracy():
+    def run(setting, seed, accuracy):
+        return {"split": 100, "setting": setting, "seed": seed, "accuracy": accuracy}
+    gains = {"nomask": 0.0, "input": 0.2, "crop": 0.1, "nomask_rrr0.01": 0.0, "alpha-1_1": 0.3}
+    noise = [0.0, 0.02, -0.01]
+    runs = [run(s, k, 0.5 + g + n * (1 + len(s) % 3)) for s, g in gains.items() for k, n in enumerate(noise)]
+    stats = sweep_report.comparisons(runs, "accuracy")
+    primary = sweep_report.primary_tests(stats)
+    assert sorted(r["setting"] for r in primary) == ["crop", "input", "nomask_rrr0.01"]   # not alpha-1_1
+    raw = [r["p_t"] for r in primary]
+    assert [r["p_holm"] for r in primary] == pytest.approx(sweep_report.holm(raw))
+    assert all(r["p_holm"] >= r["p_t"] for r in primary if not math.isnan(r["p_t"]))
+
+
 def test_mean_std_and_format():
     assert sweep_report.mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)), 2)
     assert sweep_report.fmt([0.5, 0.7]) == "60.0 ± 14.1"

@@ -6,7 +6,9 @@
 
 Masks: ground truth where there is one, else train_masker.py's (--masks). Writes to --out:
 checkpoint.pt (also every --save-every epochs, for --resume), log.csv and metrics.json (scores on
-WBC_100/val)."""
+WBC_100/val). --holdout F keeps a stratified share F of the training images out of training: choose
+settings on its scores, and its fitted temperature calibrates the probabilities evaluate.py and
+predict.py give."""
 import argparse
 import atexit
 import math
@@ -23,8 +25,8 @@ import torch.nn.functional as F
 from data import (SPLITS, DataError, batch_indices, check_no_leakage, claim_folder, grow_mask,
                   grow_px, guide_for, image_keys, infer, load_checkpoint, load_set, make_batch,
                   save_checkpoint, save_csv, save_json, wbc_dirs)
-from losses import (check_alpha, class_weights, classification_metrics, confusion_matrix,
-                    mask_weighted_ce, rrr_penalty, weighted_ce)
+from losses import (calibration, check_alpha, class_weights, classification_metrics,
+                    confusion_matrix, fit_temperature, mask_weighted_ce, rrr_penalty, weighted_ce)
 from resnet_cls import build_classifier, resnet34_state_dict
 
 RANK = int(os.environ.get("RANK", 0))   # torchrun sets both
@@ -50,6 +52,9 @@ def parse_args(argv=None):
                    help="skip unreadable images (listed) instead of stopping")
     g.add_argument("--white-balance", action="store_true",
                    help="divide each image by its background's colour")
+    g.add_argument("--holdout", type=float, default=0.0,
+                   help="stratified share of the training images kept out: choose settings on "
+                   "it; it fits the temperature (0 = none)")
     g = p.add_argument_group("mask guidance and model")
     g.add_argument("--alpha", type=float, nargs=2, metavar=("A1", "A2"),
                    help="loss weight A1*mask + A2 (none: CE)")
@@ -125,6 +130,8 @@ def check_args(p, args):
         p.error("need --epochs >= 1")
     if args.seed < 0 or args.save_every < 0:
         p.error("need --seed, --save-every >= 0")
+    if not 0 <= args.holdout < 1:
+        p.error("need --holdout in [0, 1)")
     if not 0 <= args.rrr < math.inf:
         p.error("need finite --rrr >= 0")
     if args.rrr and args.mask_mode != "loss":
@@ -340,6 +347,13 @@ def check_same_files(resume, path, **expected):
         sys.exit(f"--resume: {path} was trained on other files (images or masks changed since); "
                  f"start afresh")
 
+def check_schedule(resume, steps, path):
+    """Exit if the resumed checkpoint stepped its lr per epoch (an older train_classifier.py):
+    its schedule cannot go on per step."""
+    if resume and resume["scheduler"]["last_epoch"] != resume["epoch"] * steps:
+        sys.exit(f"--resume: {path} is of an older train_classifier.py (lr stepped per epoch); "
+                 f"start afresh")
+
 def restore(resume, model, optimizer, scheduler, scaler):
     """Put the killed run's weights, optimizer, schedule, grad scale and RNG back."""
     model.load_state_dict(resume["model"])
@@ -365,10 +379,22 @@ def checkpoint_state(model, optimizer, scheduler, scaler, epoch, plain, log_rows
         **more,
     )
 
+def hold_out(train, share, seed):
+    """(kept, held out): a seeded `share` of each class's images held out (rounded; each class
+    keeps one for training). Its own generator: the training draws stay as without it."""
+    generator = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(train), dtype=torch.bool)
+    for label in train.labels.unique():
+        rows = (train.labels == label).nonzero()[:, 0]
+        n_held = min(round(share * len(rows)), len(rows) - 1)
+        order = torch.randperm(len(rows), generator=generator)
+        held[rows[order[:n_held]]] = True
+    return train.subset(~held), train.subset(held)
+
 def load_data(args, device):
     """WBC_<split>/train (with a mask for every image if the loss or input uses masks: ground truth
-    first, then --masks'), WBC_100/val, the epochs of WBC_<split> and its class weights (C,) (None
-    without --balance)."""
+    first, then --masks'), less --holdout's share, that share (None without it), WBC_100/val, the
+    epochs of WBC_<split> and its class weights (C,) (None without --balance)."""
     cache = None if args.cache == "none" else args.cache
     dirs = wbc_dirs(args.data, args.split)
     seen_masks = args.mask_mode != "loss"   # channel, input, crop: at training and test time
@@ -387,17 +413,23 @@ def load_data(args, device):
     wbc_100 = Path(args.data, "WBC_100", "train", "data")   # the epochs rule's reference
     n_full = len(image_keys(wbc_100)) or len(train)   # the images the loader reads
     epochs = 1 if args.dry_run else max(1, round(args.epochs * n_full / len(train)))
+    held = None
+    if args.holdout:   # after the epochs rule: a held-out share does not lengthen the run
+        train, held = hold_out(train, args.holdout, args.seed)
+    if held is not None and len(held) == 0:   # no temperature to fit, no score to choose on
+        raise DataError(f"{dirs['train_data']}: --holdout {args.holdout} holds out no image")
     counts = torch.bincount(train.labels, minlength=len(train.classes)).tolist()
     class_w = class_weights(counts).to(device) if args.balance else None
-    print(f"train {len(train)} images {dict(zip(train.classes, counts))} | val {len(val)} | "
-          f"{epochs} epochs")
+    n_held = 0 if held is None else len(held)
+    print(f"train {len(train)} images {dict(zip(train.classes, counts))} | holdout {n_held} | "
+          f"val {len(val)} | {epochs} epochs")
     if need_masks:
         check_masks(train.masks, f"{args.masks / 'train'} (after {dirs['train_mask']})")
     if seen_masks:   # the masker found no cell: the whole image is kept
         empty = (train.masks.amax((1, 2, 3)) == 0).sum().item()
         print(f"{args.mask_mode}: {empty} training image(s) with an empty mask, seen whole")
     check_rows(len(train), args.batch_size, dirs["train_data"])
-    return train, val, epochs, class_w
+    return train, held, val, epochs, class_w
 
 def starting_weights(args):
     """The resnet34 state dict to start from: --init (our classifier's or masker's), --pretrained
@@ -407,14 +439,34 @@ def starting_weights(args):
     return resnet34_state_dict(args.pretrained, args.weights)
 
 def validate(model, val, channel, device, autocast, args):
-    """Loss, accuracy and predicted classes (N,) on WBC_100/val, pooled as inference sees it."""
+    """Loss, accuracy and logits (N, C) on `val` (WBC_100/val or the holdout), pooled as
+    inference sees it."""
     guide = guide_for(args.mask_mode, args.size)
     logits = infer(model, val.images, val.masks, args.batch_size * 2, device, autocast, channel,
                    args.white_balance, guide)   # (N, C)
     loss = F.cross_entropy(logits, val.labels).item()
-    preds = logits.argmax(1)
-    accuracy = (preds == val.labels).float().mean().item()
-    return loss, accuracy, preds
+    accuracy = (logits.argmax(1) == val.labels).float().mean().item()
+    return loss, accuracy, logits
+
+def scores(logits, labels, classes, temperature):
+    """classification_metrics of logits (N, C) against labels (N,), with their calibration before
+    and after `temperature`."""
+    confusion = confusion_matrix(labels, logits.argmax(1), len(classes))
+    metrics = classification_metrics(confusion, classes)
+    metrics["calibration"] = calibration(logits, labels, temperature)
+    return metrics
+
+def score_holdout(model, held, channel, device, autocast, args):
+    """(the holdout's scores, printed, and the temperature fitted on its logits); ({}, 1.0)
+    without --holdout."""
+    if held is None:
+        return {}, 1.0
+    _, _, logits = validate(model, held, channel, device, autocast, args)
+    temperature = fit_temperature(logits, held.labels)
+    metrics = scores(logits, held.labels, held.classes, temperature)
+    print(f"holdout accuracy {metrics['accuracy']:.2%} | balanced "
+          f"{metrics['balanced_accuracy']:.2%} | temperature {temperature:.3f}")
+    return metrics, temperature
 
 def why_scores_broken(val_loss, empty):
     """Why training must stop (None: it goes on): a non-finite validation loss, or every sample's
@@ -452,7 +504,7 @@ def main(argv=None):
     weights = None if resume else starting_weights(args)   # fail fast
 
     # 1. data: WBC_<split>/train with its masks (ground truth first, then generated), WBC_100/val
-    train, val, epochs, class_w = load_data(args, device)
+    train, held, val, epochs, class_w = load_data(args, device)
     if resume:
         check_same_files(resume, ckpt_path, fingerprint=train.fingerprint, classes=train.classes)
 
@@ -470,9 +522,7 @@ def main(argv=None):
     optimizer = adam(model, args.lr, device)
     steps = 1 if args.dry_run else max(1, len(train) // args.batch_size)   # per epoch: drop_last
     scheduler = halving_schedule(optimizer, epochs * steps)
-    if resume and resume["scheduler"]["last_epoch"] != resume["epoch"] * steps:   # older: per epoch
-        sys.exit(f"--resume: {ckpt_path} is of an older train_classifier.py (lr stepped per "
-                 f"epoch); start afresh")
+    check_schedule(resume, steps, ckpt_path)
     first = resume["epoch"] + 1 if resume else 1
     log_rows = []
     saved = "no checkpoint had been saved yet"
@@ -490,7 +540,7 @@ def main(argv=None):
         lr = optimizer.param_groups[0]["lr"]
         loss, acc, empty, speed, bad_step = train_one_epoch(
             forward, model, train, optimizer, scheduler, scaler, autocast, class_w, channel, args)
-        val_loss, val_acc, preds = validate(model, val, channel, device, autocast, args)
+        val_loss, val_acc, val_logits = validate(model, val, channel, device, autocast, args)
         at = f"epoch {epoch}/{epochs}"
         broken = why_broken(model, loss, bad_step) or why_scores_broken(val_loss, empty)
         if ddp:
@@ -512,12 +562,14 @@ def main(argv=None):
     if not master_process:
         return None
 
-    # 5. report: scores on WBC_100/val, and the finished checkpoint with them
-    confusion = confusion_matrix(val.labels, preds, len(train.classes))
-    metrics = classification_metrics(confusion, train.classes)
+    # 5. report: the holdout's scores and temperature, then val's, in the finished checkpoint
+    holdout, temperature = score_holdout(model, held, channel, device, autocast, args)
+    metrics = scores(val_logits, val.labels, train.classes, temperature)
     metrics.update(split=args.split, setting=setting_name(args), epochs=epochs,
-                   train_images=len(train), seconds=time.perf_counter() - started, amp=args.amp)
-    save_checkpoint(state | {"finished": True, "metrics": metrics}, ckpt_path)
+                   train_images=len(train), seconds=time.perf_counter() - started, amp=args.amp,
+                   holdout=holdout)
+    finished = {"finished": True, "metrics": metrics, "temperature": temperature}
+    save_checkpoint(state | finished, ckpt_path)
     save_csv(log_rows, args.out / "log.csv")
     save_json(metrics, args.out / "metrics.json")
     print(f"val accuracy {metrics['accuracy']:.2%} | balanced {metrics['balanced_accuracy']:.2%} | "
