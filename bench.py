@@ -12,6 +12,8 @@ For each of --models at --size px:
   (c) naive loop  torchvision ImageFolder + DataLoader(--workers): per-sample PIL decode,
                   RandomResizedCrop, flips, ColorJitter, ToTensor (v2: ToImage + ToDtype),
                   Normalize (the mask cropped alike), feeding (a)'s step.
+  (d) --guide     (b) of the classifier once per mask guidance (nomask, alpha -1 1, input, crop,
+                  --rrr 0.01), interleaved in one run: each one's img/s and its ratio to nomask's.
 b/a: the share of the bare model speed our loop keeps (1.0: data work is free); b/c: our
 speed-up over the usual recipe. Timings only mean something on a quiet machine. E.g.
     python bench.py --size 64 --device cpu
@@ -47,6 +49,13 @@ SOURCE_SIZE = 575        # the course images' side: what the naive loop decodes 
 ALPHA = (-1.0, 1.0)      # the classifier's mask-weighted setting: the cell's surroundings
 SCRIPTS = {"classifier": ["train_classifier.py", "--alpha", "-1", "1"], "unet": ["train_masker.py"]}
 AMP_DTYPES = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GUIDES = {   # (d): train_classifier.py's flags of each mask guidance
+    "nomask": [],
+    "alpha-1_1": ["--alpha", "-1", "1"],
+    "input": ["--mask-mode", "input"],
+    "crop": ["--mask-mode", "crop"],
+    "rrr0.01": ["--rrr", "0.01"],
+}
 
 
 def parse_args(argv=None):
@@ -73,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="autocast, as in the trainers; auto: bf16 on GPUs of compute capability "
                         "8.0+ and CPUs with bf16 instructions, fp16 on older GPUs, else off")
+    p.add_argument("--guide", action="store_true",
+                   help="also (d): the classifier's loop under each mask guidance")
     p.add_argument("--peak-seconds", type=float, default=3.0,
                    help="how long to time the matmul peak")
     p.add_argument("--json",
@@ -119,6 +130,8 @@ def check_flags(p, args):
         p.error(f"--unet-batch-size {args.unet_batch_size}: need >= 2 (BatchNorm)")
     if args.images < 2 * max(args.batches.values()):
         p.error(f"--images {args.images}: need at least 2 batches of the largest batch size")
+    if args.guide and "classifier" not in args.models:
+        p.error("--guide: times the classifier; keep it in --models")
     if args.steps < 1:
         p.error(f"--steps {args.steps}: need >= 1")
     if args.epochs < 1:
@@ -283,10 +296,13 @@ def write_dataset(root, n_train):
         future.result()   # raise a writer's error here
 
 
-def our_loop(name, root, work, args):
-    """(b): the trainer run as a user runs it; the img/s of the last epoch in its log.csv."""
-    out = Path(work, f"run_{name}")
+def our_loop(name, root, work, args, setting=None):
+    """(b): the trainer run as a user runs it; the img/s of the last epoch in its log.csv.
+    setting: a GUIDES key, the classifier's flags instead of SCRIPTS' (d)."""
+    out = Path(work, f"run_{name}_{setting}")
     script = SCRIPTS[name]
+    if setting:
+        script = ["train_classifier.py", *GUIDES[setting]]
     path = Path(__file__).resolve().with_name(script[0])
     cmd = [sys.executable, str(path), *script[1:],
            "--data", str(root),
@@ -310,6 +326,17 @@ def our_loop(name, root, work, args):
         sys.exit(f"bench: {script[0]} failed (exit {done.returncode}):\n{tail}")
     rows = list(csv.DictReader((out / "log.csv").read_text().splitlines()))
     return float(rows[-1]["img_s"])
+
+
+def guide_loops(root, work, args, log):
+    """(d): {setting: img/s} of the classifier's loop under each of GUIDES, logged with its
+    ratio to nomask's."""
+    speeds = {}
+    for setting in GUIDES:
+        speeds[setting] = our_loop("classifier", root, work, args, setting)
+        ratio = speeds[setting] / speeds["nomask"]
+        log(f"classifier {setting}: (d) our loop {speeds[setting]:.1f} img/s, {ratio:.2f}x nomask")
+    return speeds
 
 
 def load_pair(path):
@@ -432,6 +459,8 @@ def main(argv=None):
         write_dataset(root, args.images)
         for name in args.models:
             result[name] = bench_model(name, root, work, args, peak, log)
+        if args.guide:
+            result["guide"] = guide_loops(root, work, args, log)
     log(table(result, args))
     save_outputs(result, lines, args.json, args.out)
     return result

@@ -93,3 +93,18 @@ def test_an_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
     finally:
         folder.chmod(0o755)
     assert e.value.code == 2 and "--out" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_guide_times_each_mask_guidance_against_nomask(monkeypatch):
+    """(d): one classifier run per GUIDES setting, each flag set one train_classifier.py accepts,
+    and each speed as a ratio to nomask's."""
+    import train_classifier
+    for flags in bench.GUIDES.values():
+        train_classifier.parse_args([*flags, "--device", "cpu"])   # a typo would exit here
+    speeds = {"nomask": 10.0, "alpha-1_1": 9.0, "input": 8.0, "crop": 10.0, "rrr0.01": 2.5}
+    monkeypatch.setattr(bench, "our_loop", lambda name, root, work, args, setting: speeds[setting])
+    lines = []
+    assert bench.guide_loops("root", "work", None, lines.append) == speeds
+    assert lines[4] == "classifier rrr0.01: (d) our loop 2.5 img/s, 0.25x nomask"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--models", "unet", "--guide"])
