@@ -101,9 +101,16 @@ crossdomain-guide: install
 		test -f $(XG)/tecom_$${mode}_$$seed/metrics.json || $(PY) train_classifier.py $(ONTECOM) --lr 1e-3 \
 			$(NEWSCOPE) $$guide --holdout 0.2 --masks $(XG)/masker_tecom/masks --seed $$seed \
 			--out $(XG)/tecom_$${mode}_$$seed | tail -2; \
-		for source in synth tecom; do for target in $(DATA256) $(TECOM); do \
+		for source in synth tecom; do for target in $(DATA256) $(TECOM) tta; do \
 			masker=$$(test $$mode = nomask || echo --masker $(XG)/masker_$$source/checkpoint.pt); \
-			$(PY) evaluate.py $(XG)/$${source}_$${mode}_$$seed/checkpoint.pt --data $$target $$masker \
-				--json $(XG)/$${source}_$${mode}_$$seed/on_$$(basename $$target).json | tail -2; \
+			data=$$target; tta=; \
+			if [ $$target = tta ]; then tta=--tta; data=$(DATA256); [ $$source = tecom ] && data=$(TECOM); fi; \
+			json=$(XG)/$${source}_$${mode}_$$seed/on_$$(basename $$data)$${tta:+_tta}.json; \
+			test -f $$json || $(PY) evaluate.py $(XG)/$${source}_$${mode}_$$seed/checkpoint.pt --data $$data \
+				$$masker $$tta --json $$json | tail -2; \
 		done; done; \
 	done; done
+	for source in synth tecom; do for tta in "" --tta; do data=$(DATA256); [ $$source = tecom ] && data=$(TECOM); \
+		$(PY) evaluate.py $(XG)/masker_$$source/checkpoint.pt --data $$data $$tta \
+			--json $(XG)/masker_$$source/on_$$(basename $$data)$${tta:+_tta}.json | tail -1; done; done
+	$(PY) sweep_table.py $(XG)

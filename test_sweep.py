@@ -631,3 +631,23 @@ def test_audit_reports_chance_corrected_agreement(tiny_sweep):
         assert -1 <= audit["cell_only_kappa"] <= 1
     text = (out / "results.md").read_text()
     assert "background-only kappa" in text and "Cohen's kappa" in text
+
+
+def test_sweep_table_pools_seeds_of_each_run_and_target(tmp_path, capsys):
+    import sweep_table
+    scores = {("crop", 0): 0.5, ("crop", 1): 0.7, ("nomask", 0): 0.4}
+    for (mode, seed), balanced in scores.items():
+        run = tmp_path / f"synth_{mode}_{seed}"
+        run.mkdir()
+        record = {"accuracy": 0.9, "balanced_accuracy": balanced,
+                  "calibration": {"before": {"ece": 0.2}, "after": {"ece": 0.05}}}
+        (run / "on_tecom300.json").write_text(json.dumps(record))
+        (run / "metrics.json").write_text("{}")                   # the trainer's: not a score
+    (tmp_path / "masker_synth").mkdir()                           # no seed: not a run
+    (tmp_path / "masker_synth" / "on_x.json").write_text("{}")
+    text = sweep_table.main([str(tmp_path)])
+    lines = text.splitlines()
+    assert lines[0] == "| run | scored | seeds | accuracy % | balanced % | ECE | ECE, temperature |"
+    assert lines[2] == "| synth_crop | on_tecom300 | 2 | 90.0 ± 0.0 | 60.0 ± 14.1 | 0.200 ± 0.000 | 0.050 ± 0.000 |"
+    assert lines[3] == "| synth_nomask | on_tecom300 | 1 | 90.0 | 40.0 | 0.200 | 0.050 |"
+    assert len(lines) == 4 and (tmp_path / "table.md").read_text() == text + "\n"
