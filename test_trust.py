@@ -11,7 +11,7 @@ from torch import nn
 import evaluate
 import predict
 import train_classifier
-from data import d4_undo, d4_views, infer, load_checkpoint, make_batch, save_checkpoint
+from data import DataError, d4_undo, d4_views, infer, load_checkpoint, make_batch, save_checkpoint
 from losses import calibration_metrics, fit_temperature, reliability_bins
 from test_robustness import run_argv, tiny_wbc
 
@@ -195,3 +195,13 @@ def test_predict_applies_the_temperature_and_flags_unsure_images(holdout_run, tm
         rows = list(csv.DictReader(f))
     assert all(float(r["A"]) + float(r["B"]) == pytest.approx(1, abs=1e-3) for r in rows)
     assert all(r["review"] == "" for r in rows)         # 0: nothing is below it
+
+
+def test_a_holdout_too_small_to_hold_an_image_is_refused(tmp_path):
+    root = tiny_wbc(tmp_path / "wbc", n_train=3, n_val=1)
+    with pytest.raises(DataError, match="--holdout 0.1 holds out no image"):   # round(0.1 * 3) = 0
+        train_classifier.main(run_argv(root, tmp_path / "out", "--holdout", "0.1"))
+    with pytest.raises(SystemExit):
+        train_classifier.parse_args(["--holdout", "1"])
+    with pytest.raises(SystemExit):
+        predict.parse_args(["folder", "--classifier", "c.pt", "--out", "o", "--review-below", "1.5"])
