@@ -136,8 +136,8 @@ def evaluate_classifier(model, ckpt, folder, size, autocast, args):
     temperature = ckpt.get("temperature", 1.0)   # fitted on the run's --holdout (1: none)
     calibrated = calibration(logits, data.labels, temperature)
     print(f"{args.checkpoint} on {folder} ({len(data)} images)")
-    print_classification(metrics, classes)
     print_calibration(calibrated)
+    print_classification(metrics, classes)   # the confusion matrix last: it ends the output
     if args.reliability:
         draw_reliability(logits, data.labels, temperature, args.reliability)
     return metrics | {"data": str(folder), "tta": args.tta, "calibration": calibrated}

@@ -43,9 +43,9 @@ def test_classifier_with_masks_beats_majority(tiny, masker_run, tmp_path):
     masks, _ = masker_run
     out = tmp_path / "cls"
     metrics = train_classifier.main(["--data", str(tiny), "--split", "100", "--size", "32", "--alpha", "-1", "1",
-                                     "--masks", str(masks / "masks"), "--epochs", "7", "--batch-size", "16", "--lr", "1e-3",
+                                     "--masks", str(masks / "masks"), "--epochs", "4", "--batch-size", "16", "--lr", "1e-3",
                                      "--out", str(out), "--device", "cpu"])
-    assert metrics["accuracy"] > metrics["majority_baseline"] + 0.15
+    assert metrics["accuracy"] > metrics["majority_baseline"] + 0.15   # 0.865 against 0.615 (4 epochs)
     log = (out / "log.csv").read_text().splitlines()
     assert len(log) == 1 + metrics["epochs"]
     report = tmp_path / "report.json"
