@@ -23,6 +23,7 @@ import argparse
 import csv
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -315,8 +316,10 @@ def our_loop(name, root, work, args, setting=None):
            "--amp", args.amp,
            "--cache", str(Path(work, "cache")),
            "--out", str(out)]
-    if name == "classifier":
+    if name == "classifier" and not setting:
         cmd += ["--masks", str(Path(work, "no_masks"))]   # none there: the ground truth only
+    if setting:   # input and crop read val masks as a masker draws them: the ground truth's copy
+        cmd += ["--masks", str(Path(work, "gt_masks"))]
     if args.device.type == "cuda":
         torch.cuda.empty_cache()   # our cached blocks would crowd the trainer's GPU memory
     # cwd: nothing lands in the user's runs/
@@ -331,6 +334,8 @@ def our_loop(name, root, work, args, setting=None):
 def guide_loops(root, work, args, log):
     """(d): {setting: img/s} of the classifier's loop under each of GUIDES, logged with its
     ratio to nomask's."""
+    for part in ("train", "val"):
+        shutil.copytree(Path(root, "WBC_100", part, "mask"), Path(work, "gt_masks", part))
     speeds = {}
     for setting in GUIDES:
         speeds[setting] = our_loop("classifier", root, work, args, setting)
