@@ -92,7 +92,8 @@ crossdomain-seeds: install
 # cell) -> tecom300 val, and tecom300 -> synthetic val; nomask, input, crop; seeds 0-2 (~90 min on 2
 # cores). At test time the source's own masker draws the masks (the target's are never used).
 # Classifiers keep 20% of their training images out (--holdout 0.2): the temperature is fitted there.
-# A rerun skips every run with a metrics.json.
+# A rerun skips every run with a metrics.json and every score already written. Scores of the maskers
+# (seed 0) go to $(XG)/masker_<source>_0/ so that sweep_table.py lists them beside the classifiers.
 XG ?= $(RUNS)/crossdomain_guide
 DATA256 ?= data256
 GUIDE_SEEDS ?= 0 1 2
@@ -119,7 +120,7 @@ crossdomain-guide: install
 				$$masker $$tta --json $$json | tail -2; \
 		done; done; \
 	done; done
-	for source in synth tecom; do for tta in "" --tta; do data=$(DATA256); [ $$source = tecom ] && data=$(TECOM); \
+	for source in synth tecom; do for data in $(DATA256) $(TECOM); do for tta in "" --tta; do \
 		$(PY) evaluate.py $(XG)/masker_$$source/checkpoint.pt --data $$data $$tta \
-			--json $(XG)/masker_$$source/on_$$(basename $$data)$${tta:+_tta}.json | tail -1; done; done
+			--json $(XG)/masker_$${source}_0/on_$$(basename $$data)$${tta:+_tta}.json | tail -1; done; done; done
 	$(PY) sweep_table.py $(XG)
