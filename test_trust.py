@@ -205,3 +205,22 @@ def test_a_holdout_too_small_to_hold_an_image_is_refused(tmp_path):
         train_classifier.parse_args(["--holdout", "1"])
     with pytest.raises(SystemExit):
         predict.parse_args(["folder", "--classifier", "c.pt", "--out", "o", "--review-below", "1.5"])
+
+
+def ece_of_calibrated_models(n_images, repeats=200, seed=0):
+    """Mean 15-bin ECE of 5-class models calibrated by construction, each on n_images."""
+    generator = torch.Generator().manual_seed(seed)
+    eces = []
+    for _ in range(repeats):
+        probs = (torch.randn(n_images, 5, generator=generator) * 2).softmax(1)
+        labels = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        eces.append(calibration_metrics(probs, labels)["ece"])
+    return sum(eces) / repeats
+
+
+def test_ece_of_a_calibrated_model_is_far_from_zero_on_a_small_set():
+    """ECE is biased upward on few images: tecom300's 60 val images give a perfectly calibrated
+    model about 0.14, WBC_100/val's 174 about 0.085; an ECE target of 0.05 needs ~1000 images."""
+    assert ece_of_calibrated_models(60) == pytest.approx(0.14, abs=0.015)
+    assert ece_of_calibrated_models(174) == pytest.approx(0.085, abs=0.01)
+    assert ece_of_calibrated_models(1000, repeats=30) < 0.05
