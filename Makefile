@@ -49,7 +49,8 @@ tecom300: install
 	$(PY) evaluate.py $(RUNS)/tecom_classifier/checkpoint.pt --json $(RUNS)/tecom_classifier.json
 	$(PY) evaluate.py $(RUNS)/tecom_masker/checkpoint.pt --json $(RUNS)/tecom_masker.json
 
-# cross-domain: maskers and classifiers trained on synthetic, on tecom300, and on both, each scored on both
+# cross-domain: maskers and classifiers trained on synthetic, on tecom300, and on both, each scored on both;
+# then crossdomain-guide
 # (96 px; NEWSCOPE is the augmentation for a new microscope: zoom in and out, stain, blur)
 XD ?= $(RUNS)/crossdomain
 NEWSCOPE ?= --zoom 0.3 1.3 --stain 0.5 --blur 1
@@ -76,6 +77,7 @@ crossdomain: install
 		--out $(XD)/classifier_synth_tecom_white
 	for run in $(XD)/*/; do for target in $(DATA) $(TECOM); do \
 		$(PY) evaluate.py $$run/checkpoint.pt --data $$target --json $$run/on_$$(basename $$target).json | tail -2; done; done
+	$(MAKE) crossdomain-guide   # then the mask guidance across microscopes (below)
 
 # the tecom300 classifiers above, seeds 0-4 (after make crossdomain: its synthetic sources; ~30 min): balanced
 # accuracy on tecom300 val, where 4 Eosinophils and 10 Monocytes decide it, moves with the seed
