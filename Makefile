@@ -5,7 +5,8 @@ DATA ?= data
 SIZE ?= 64
 RUNS ?= runs
 
-.PHONY: install demo synth masker classifier evaluate choose test tecom300 crossdomain crossdomain-seeds crossdomain-guide
+.PHONY: install demo synth masker classifier evaluate choose test tecom300 crossdomain crossdomain-seeds \
+	choose-tecom crossdomain-guide crossdomain-maskers
 
 install:
 	$(PY) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r requirements.txt
@@ -56,6 +57,8 @@ XD ?= $(RUNS)/crossdomain
 NEWSCOPE ?= --zoom 0.3 1.3 --stain 0.5 --blur 1
 XDSIZE ?= 96
 ONTECOM = --data $(TECOM) --split 100 --size $(XDSIZE) --epochs 14 --batch-size 16
+SYNTH_SOURCE = train_classifier.py --data $(DATA) --split 100 --size $(XDSIZE) --epochs 5 --batch-size 16 --lr 1e-3 \
+	$(NEWSCOPE)
 crossdomain: install
 	test -d $(DATA)/WBC_100 || $(PY) synth.py $(DATA) --scale 0.1 --size 128 --seed 0
 	$(PY) train_masker.py --data $(DATA) --split 100 --size $(XDSIZE) --epochs 15 --batch-size 8 --lr 2e-3 --out $(XD)/masker_synth
@@ -65,13 +68,12 @@ crossdomain: install
 		--pretrain-epochs 15 $(NEWSCOPE) --out $(XD)/masker_synth_tecom_aug
 	$(PY) train_masker.py --data $(TECOM) --split 100 --size $(XDSIZE) --epochs 15 --batch-size 8 --pretrain-on $(DATA) \
 		--pretrain-epochs 15 --replay 3 $(NEWSCOPE) --out $(XD)/masker_synth_tecom_replay
-	$(PY) train_classifier.py --data $(DATA) --split 100 --size $(XDSIZE) --epochs 5 --batch-size 16 --lr 1e-3 $(NEWSCOPE) --out $(XD)/classifier_synth_aug
+	$(PY) $(SYNTH_SOURCE) --out $(XD)/classifier_synth_aug
 	$(PY) train_classifier.py $(ONTECOM) --lr 1e-3 --out $(XD)/classifier_tecom
 	$(PY) train_classifier.py $(ONTECOM) --lr 1e-3 $(NEWSCOPE) --init $(XD)/classifier_synth_aug/checkpoint.pt \
 		--out $(XD)/classifier_synth_tecom_aug
 	$(PY) train_classifier.py $(ONTECOM) --lr 3e-4 --init $(XD)/classifier_synth_aug/checkpoint.pt --out $(XD)/classifier_synth_tecom
-	$(PY) train_classifier.py --data $(DATA) --split 100 --size $(XDSIZE) --epochs 5 --batch-size 16 --lr 1e-3 $(NEWSCOPE) \
-		--white-balance --out $(XD)/classifier_synth_aug_white
+	$(PY) $(SYNTH_SOURCE) --white-balance --out $(XD)/classifier_synth_aug_white
 	$(PY) train_classifier.py $(ONTECOM) --lr 1e-3 --white-balance --out $(XD)/classifier_tecom_white
 	$(PY) train_classifier.py $(ONTECOM) --lr 3e-4 --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt \
 		--out $(XD)/classifier_synth_tecom_white
@@ -90,31 +92,49 @@ crossdomain-seeds: install
 		$(PY) train_classifier.py $(ONTECOM) --lr 1e-3 "$$@" --seed $$seed --out $(XD)/seeds/$${name}_$$seed | tail -1; \
 	done; done
 
+# the tecom300 choices of make crossdomain (white balance; the fine-tune's lr), made again on a fifth
+# of tecom300's training images (--holdout 0.2; seeds 0-2, each its own fifth), never on its val;
+# trains make crossdomain's synthetic sources when they are missing (~30 min in all). The holdout rows
+# of $(XD)/choose/table.md decide.
+CHOICES = "tecom" "tecom_white --white-balance" \
+	"synth_tecom_lr1e-4 --lr 1e-4 --init $(XD)/classifier_synth_aug/checkpoint.pt" \
+	"synth_tecom_lr3e-4 --lr 3e-4 --init $(XD)/classifier_synth_aug/checkpoint.pt" \
+	"synth_tecom_lr1e-3 --lr 1e-3 --init $(XD)/classifier_synth_aug/checkpoint.pt" \
+	"synth_tecom_white_lr1e-4 --lr 1e-4 --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt" \
+	"synth_tecom_white_lr3e-4 --lr 3e-4 --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt" \
+	"synth_tecom_white_lr1e-3 --lr 1e-3 --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt"
+choose-tecom: install
+	test -d $(DATA)/WBC_100 || $(PY) synth.py $(DATA) --scale 0.1 --size 128 --seed 0
+	test -f $(XD)/classifier_synth_aug/metrics.json || $(PY) $(SYNTH_SOURCE) --out $(XD)/classifier_synth_aug
+	test -f $(XD)/classifier_synth_aug_white/metrics.json || $(PY) $(SYNTH_SOURCE) --white-balance \
+		--out $(XD)/classifier_synth_aug_white
+	for seed in $(GUIDE_SEEDS); do for run in $(CHOICES); do \
+		set -- $$run; name=$$1; shift; \
+		test -f $(XD)/choose/$${name}_$$seed/metrics.json || $(PY) train_classifier.py $(ONTECOM) --lr 1e-3 \
+			"$$@" --holdout 0.2 --seed $$seed --out $(XD)/choose/$${name}_$$seed | grep "^holdout"; \
+	done; done
+	$(PY) sweep_table.py $(XD)/choose
+
 # mask guidance across microscopes: synthetic (rendered at 256 px, so a crop is as sharp as a real
 # cell) -> tecom300 val, and tecom300 -> synthetic val; nomask, input, crop; seeds 0-2 (~90 min on 2
-# cores). At test time the source's own masker draws the masks (the target's are never used).
+# cores). At test time the source's own masker (seed 0) draws the masks (the target's are never used).
 # Classifiers keep 20% of their training images out (--holdout 0.2): the temperature is fitted there.
-# A rerun skips every run with a metrics.json and every score already written. Scores of the maskers
-# (seed 0) go to $(XG)/masker_<source>_0/ so that sweep_table.py lists them beside the classifiers.
+# A rerun skips every run with a metrics.json and every score already written.
 XG ?= $(RUNS)/crossdomain_guide
+XM = $(XG)/maskers
 DATA256 ?= data256
 GUIDE_SEEDS ?= 0 1 2
-crossdomain-guide: install
-	test -d $(DATA256)/WBC_100 || $(PY) synth.py $(DATA256) --scale 0.1 --size 256 --seed 0
-	test -f $(XG)/masker_synth/metrics.json || $(PY) train_masker.py --data $(DATA256) --split 100 \
-		--size $(XDSIZE) --epochs 15 --batch-size 8 --lr 2e-3 $(NEWSCOPE) --out $(XG)/masker_synth
-	test -f $(XG)/masker_tecom/metrics.json || $(PY) train_masker.py --data $(TECOM) --split 100 \
-		--size $(XDSIZE) --epochs 30 --batch-size 8 $(NEWSCOPE) --out $(XG)/masker_tecom
+crossdomain-guide: install crossdomain-maskers
 	for seed in $(GUIDE_SEEDS); do for mode in nomask input crop; do \
 		guide=$$(test $$mode = nomask || echo --mask-mode $$mode); \
 		test -f $(XG)/synth_$${mode}_$$seed/metrics.json || $(PY) train_classifier.py --data $(DATA256) \
 			--split 100 --size $(XDSIZE) --epochs 5 --batch-size 16 --lr 1e-3 $(NEWSCOPE) $$guide --holdout 0.2 \
-			--masks $(XG)/masker_synth/masks --seed $$seed --out $(XG)/synth_$${mode}_$$seed | tail -2; \
+			--masks $(XM)/synth_0/masks --seed $$seed --out $(XG)/synth_$${mode}_$$seed | tail -2; \
 		test -f $(XG)/tecom_$${mode}_$$seed/metrics.json || $(PY) train_classifier.py $(ONTECOM) --lr 1e-3 \
-			$(NEWSCOPE) $$guide --holdout 0.2 --masks $(XG)/masker_tecom/masks --seed $$seed \
+			$(NEWSCOPE) $$guide --holdout 0.2 --masks $(XM)/tecom_0/masks --seed $$seed \
 			--out $(XG)/tecom_$${mode}_$$seed | tail -2; \
 		for source in synth tecom; do for target in $(DATA256) $(TECOM) tta; do \
-			masker=$$(test $$mode = nomask || echo --masker $(XG)/masker_$$source/checkpoint.pt); \
+			masker=$$(test $$mode = nomask || echo --masker $(XM)/$${source}_0/checkpoint.pt); \
 			data=$$target; tta=; \
 			if [ $$target = tta ]; then tta=--tta; data=$(DATA256); [ $$source = tecom ] && data=$(TECOM); fi; \
 			json=$(XG)/$${source}_$${mode}_$$seed/on_$$(basename $$data)$${tta:+_tta}.json; \
@@ -122,7 +142,21 @@ crossdomain-guide: install
 				$$masker $$tta --json $$json | tail -2; \
 		done; done; \
 	done; done
-	for source in synth tecom; do for data in $(DATA256) $(TECOM); do for tta in "" --tta; do \
-		$(PY) evaluate.py $(XG)/masker_$$source/checkpoint.pt --data $$data $$tta \
-			--json $(XG)/masker_$${source}_0/on_$$(basename $$data)$${tta:+_tta}.json | tail -1; done; done; done
 	$(PY) sweep_table.py $(XG)
+
+# the two maskers of crossdomain-guide, seeds GUIDE_SEEDS (seed 0 draws the classifiers' masks), each
+# scored on both sources' val, with and without --tta: $(XM)/table.md
+crossdomain-maskers: install
+	test -d $(DATA256)/WBC_100 || $(PY) synth.py $(DATA256) --scale 0.1 --size 256 --seed 0
+	for seed in $(GUIDE_SEEDS); do \
+		test -f $(XM)/synth_$$seed/metrics.json || $(PY) train_masker.py --data $(DATA256) --split 100 \
+			--size $(XDSIZE) --epochs 15 --batch-size 8 --lr 2e-3 $(NEWSCOPE) --seed $$seed --out $(XM)/synth_$$seed; \
+		test -f $(XM)/tecom_$$seed/metrics.json || $(PY) train_masker.py --data $(TECOM) --split 100 \
+			--size $(XDSIZE) --epochs 30 --batch-size 8 $(NEWSCOPE) --seed $$seed --out $(XM)/tecom_$$seed; \
+		for source in synth tecom; do for data in $(DATA256) $(TECOM); do for tta in "" --tta; do \
+			json=$(XM)/$${source}_$$seed/on_$$(basename $$data)$${tta:+_tta}.json; \
+			test -f $$json || $(PY) evaluate.py $(XM)/$${source}_$$seed/checkpoint.pt --data $$data $$tta \
+				--json $$json | tail -1; \
+		done; done; done; \
+	done
+	$(PY) sweep_table.py $(XM)

@@ -3,8 +3,9 @@
     python sweep_table.py runs/crossdomain_guide     # what make crossdomain-guide wrote
 
 Reads FOLDER/<run>_<seed>/<name>.json (e.g. synth_crop_2/on_tecom300.json): one row per run and
-JSON name, the seeds pooled; a column per score that any of them has (accuracy, balanced
-accuracy, ECE before and after the temperature, Dice). Writes FOLDER/table.md too.
+JSON name, the seeds pooled; of a trainer's metrics.json, only its holdout's scores (row
+"holdout"). A column per score that any of them has (accuracy, balanced accuracy, ECE before and
+after the temperature, Dice). Writes FOLDER/table.md too.
 """
 import argparse
 import json
@@ -49,13 +50,18 @@ def collect(folder):
     groups = defaultdict(list)
     for path in sorted(Path(folder).glob("*_*/*.json")):
         run, _, seed = path.parent.name.rpartition("_")
-        if not seed.isdigit() or path.name == "metrics.json":   # a masker's folder, a trainer's
+        if not seed.isdigit():   # not a run of one seed
             continue
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             sys.exit(f"error: {path}: not readable JSON ({e})")
-        groups[run, path.stem].append(record)
+        name = path.stem
+        if path.name == "metrics.json":   # a trainer's: only its holdout's scores (--holdout F)
+            record = lookup(record, ("holdout",))
+            name = "holdout"
+        if record:
+            groups[run, name].append(record)
     return groups
 
 

@@ -642,12 +642,15 @@ def test_sweep_table_pools_seeds_of_each_run_and_target(tmp_path, capsys):
         record = {"accuracy": 0.9, "balanced_accuracy": balanced,
                   "calibration": {"before": {"ece": 0.2}, "after": {"ece": 0.05}}}
         (run / "on_tecom300.json").write_text(json.dumps(record))
-        (run / "metrics.json").write_text("{}")                   # the trainer's: not a score
+        (run / "metrics.json").write_text("{}")                   # a trainer's without --holdout
+    held = {"accuracy": 0.1, "holdout": {"accuracy": 0.8, "balanced_accuracy": 0.6}}
+    (tmp_path / "synth_crop_1" / "metrics.json").write_text(json.dumps(held))
     (tmp_path / "masker_synth").mkdir()                           # no seed: not a run
     (tmp_path / "masker_synth" / "on_x.json").write_text("{}")
     text = sweep_table.main([str(tmp_path)])
     lines = text.splitlines()
     assert lines[0] == "| run | scored | seeds | accuracy % | balanced % | ECE | ECE, temperature |"
-    assert lines[2] == "| synth_crop | on_tecom300 | 2 | 90.0 ± 0.0 | 60.0 ± 14.1 | 0.200 ± 0.000 | 0.050 ± 0.000 |"
-    assert lines[3] == "| synth_nomask | on_tecom300 | 1 | 90.0 | 40.0 | 0.200 | 0.050 |"
-    assert len(lines) == 4 and (tmp_path / "table.md").read_text() == text + "\n"
+    assert lines[2] == "| synth_crop | holdout | 1 | 80.0 | 60.0 | - | - |"   # not val's 0.1
+    assert lines[3] == "| synth_crop | on_tecom300 | 2 | 90.0 ± 0.0 | 60.0 ± 14.1 | 0.200 ± 0.000 | 0.050 ± 0.000 |"
+    assert lines[4] == "| synth_nomask | on_tecom300 | 1 | 90.0 | 40.0 | 0.200 | 0.050 |"
+    assert len(lines) == 5 and (tmp_path / "table.md").read_text() == text + "\n"
