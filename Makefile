@@ -95,7 +95,7 @@ crossdomain-seeds: install
 # the tecom300 choices of make crossdomain (white balance; the fine-tune's lr), made again on a fifth
 # of tecom300's training images (--holdout 0.2; seeds 0-2, each its own fifth), never on its val;
 # trains make crossdomain's synthetic sources when they are missing (~30 min in all). The holdout rows
-# of $(XD)/choose/table.md decide.
+# of $(XD)/choose/table.md decide; its on_tecom300 rows (val, scored after all runs) are the record.
 CHOICES = "tecom" "tecom_white --white-balance" \
 	"synth_tecom_lr1e-4 --lr 1e-4 --init $(XD)/classifier_synth_aug/checkpoint.pt" \
 	"synth_tecom_lr3e-4 --lr 3e-4 --init $(XD)/classifier_synth_aug/checkpoint.pt" \
@@ -113,6 +113,8 @@ choose-tecom: install
 		test -f $(XD)/choose/$${name}_$$seed/metrics.json || $(PY) train_classifier.py $(ONTECOM) --lr 1e-3 \
 			"$$@" --holdout 0.2 --seed $$seed --out $(XD)/choose/$${name}_$$seed | grep "^holdout"; \
 	done; done
+	for run in $(XD)/choose/*/; do test -f $$run/on_tecom300.json || \
+		$(PY) evaluate.py $$run/checkpoint.pt --json $$run/on_tecom300.json | tail -1; done
 	$(PY) sweep_table.py $(XD)/choose
 
 # mask guidance across microscopes: synthetic (rendered at 256 px, so a crop is as sharp as a real
