@@ -95,16 +95,23 @@ def test_an_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
     assert e.value.code == 2 and "--out" in capsys.readouterr().err.splitlines()[-1]
 
 
-def test_guide_times_each_mask_guidance_against_nomask(monkeypatch):
+def test_guide_times_each_mask_guidance_against_nomask(monkeypatch, tmp_path):
     """(d): one classifier run per GUIDES setting, each flag set one train_classifier.py accepts,
-    and each speed as a ratio to nomask's."""
+    each speed as a ratio to nomask's; the ground truth's masks copied where a masker's would be."""
     import train_classifier
     for flags in bench.GUIDES.values():
         train_classifier.parse_args([*flags, "--device", "cpu"])   # a typo would exit here
+    root = tmp_path / "root"
+    work = tmp_path / "work"
+    for part in ("train", "val"):
+        mask = root / "WBC_100" / part / "mask" / "Basophil" / f"{part}1.png"
+        mask.parent.mkdir(parents=True)
+        mask.write_bytes(b"png")
     speeds = {"nomask": 10.0, "alpha-1_1": 9.0, "input": 8.0, "crop": 10.0, "rrr0.01": 2.5}
     monkeypatch.setattr(bench, "our_loop", lambda name, root, work, args, setting: speeds[setting])
     lines = []
-    assert bench.guide_loops("root", "work", None, lines.append) == speeds
+    assert bench.guide_loops(root, work, None, lines.append) == speeds
     assert lines[4] == "classifier rrr0.01: (d) our loop 2.5 img/s, 0.25x nomask"
+    assert (work / "gt_masks" / "val" / "Basophil" / "val1.png").read_bytes() == b"png"
     with pytest.raises(SystemExit):
         bench.parse_args(["--models", "unet", "--guide"])
