@@ -182,8 +182,8 @@ def print_calibration(calibrated):
     """NLL, Brier score and ECE before and after the checkpoint's temperature."""
     before = calibrated["before"]
     after = calibrated["after"]
-    print(f"calibration, temperature {calibrated['temperature']:.3f} (1: the run had no "
-          f"--holdout): NLL {before['nll']:.3f} -> {after['nll']:.3f} | Brier "
+    print(f"calibration, temperature {calibrated['temperature']:.3f} (exactly 1: the run had no "
+          f"--holdout to fit it on): NLL {before['nll']:.3f} -> {after['nll']:.3f} | Brier "
           f"{before['brier']:.3f} -> {after['brier']:.3f} | ECE (15 bins) {before['ece']:.3f} -> "
           f"{after['ece']:.3f}")
 
