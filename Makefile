@@ -59,6 +59,9 @@ XDSIZE ?= 96
 ONTECOM = --data $(TECOM) --split 100 --size $(XDSIZE) --epochs 14 --batch-size 16
 SYNTH_SOURCE = train_classifier.py --data $(DATA) --split 100 --size $(XDSIZE) --epochs 5 --batch-size 16 --lr 1e-3 \
 	$(NEWSCOPE)
+# fine-tune from those synthetic sources (crossdomain-seeds, choose-tecom)
+FROM_SYNTH = --init $(XD)/classifier_synth_aug/checkpoint.pt
+FROM_SYNTH_WHITE = --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt
 crossdomain: install
 	test -d $(DATA)/WBC_100 || $(PY) synth.py $(DATA) --scale 0.1 --size 128 --seed 0
 	$(PY) train_masker.py --data $(DATA) --split 100 --size $(XDSIZE) --epochs 15 --batch-size 8 --lr 2e-3 --out $(XD)/masker_synth
@@ -86,8 +89,7 @@ crossdomain: install
 SEEDS ?= 0 1 2 3 4
 crossdomain-seeds: install
 	for seed in $(SEEDS); do for run in "tecom" "tecom_white --white-balance" \
-		"synth_tecom --lr 3e-4 --init $(XD)/classifier_synth_aug/checkpoint.pt" \
-		"synth_tecom_white --lr 3e-4 --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt"; do \
+		"synth_tecom --lr 3e-4 $(FROM_SYNTH)" "synth_tecom_white --lr 3e-4 $(FROM_SYNTH_WHITE)"; do \
 		set -- $$run; name=$$1; shift; printf "%-18s seed $$seed: " $$name; \
 		$(PY) train_classifier.py $(ONTECOM) --lr 1e-3 "$$@" --seed $$seed --out $(XD)/seeds/$${name}_$$seed | tail -1; \
 	done; done
@@ -97,18 +99,19 @@ crossdomain-seeds: install
 # trains make crossdomain's synthetic sources when they are missing (~30 min in all). The holdout rows
 # of $(XD)/choose/table.md decide; its on_tecom300 rows (val, scored after all runs) are the record.
 CHOICES = "tecom" "tecom_white --white-balance" \
-	"synth_tecom_lr1e-4 --lr 1e-4 --init $(XD)/classifier_synth_aug/checkpoint.pt" \
-	"synth_tecom_lr3e-4 --lr 3e-4 --init $(XD)/classifier_synth_aug/checkpoint.pt" \
-	"synth_tecom_lr1e-3 --lr 1e-3 --init $(XD)/classifier_synth_aug/checkpoint.pt" \
-	"synth_tecom_white_lr1e-4 --lr 1e-4 --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt" \
-	"synth_tecom_white_lr3e-4 --lr 3e-4 --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt" \
-	"synth_tecom_white_lr1e-3 --lr 1e-3 --white-balance --init $(XD)/classifier_synth_aug_white/checkpoint.pt"
+	"synth_tecom_lr1e-4 --lr 1e-4 $(FROM_SYNTH)" \
+	"synth_tecom_lr3e-4 --lr 3e-4 $(FROM_SYNTH)" \
+	"synth_tecom_lr1e-3 --lr 1e-3 $(FROM_SYNTH)" \
+	"synth_tecom_white_lr1e-4 --lr 1e-4 $(FROM_SYNTH_WHITE)" \
+	"synth_tecom_white_lr3e-4 --lr 3e-4 $(FROM_SYNTH_WHITE)" \
+	"synth_tecom_white_lr1e-3 --lr 1e-3 $(FROM_SYNTH_WHITE)"
+CHOOSE_SEEDS ?= 0 1 2
 choose-tecom: install
 	test -d $(DATA)/WBC_100 || $(PY) synth.py $(DATA) --scale 0.1 --size 128 --seed 0
 	test -f $(XD)/classifier_synth_aug/metrics.json || $(PY) $(SYNTH_SOURCE) --out $(XD)/classifier_synth_aug
 	test -f $(XD)/classifier_synth_aug_white/metrics.json || $(PY) $(SYNTH_SOURCE) --white-balance \
 		--out $(XD)/classifier_synth_aug_white
-	for seed in $(GUIDE_SEEDS); do for run in $(CHOICES); do \
+	for seed in $(CHOOSE_SEEDS); do for run in $(CHOICES); do \
 		set -- $$run; name=$$1; shift; \
 		test -f $(XD)/choose/$${name}_$$seed/metrics.json || $(PY) train_classifier.py $(ONTECOM) --lr 1e-3 \
 			"$$@" --holdout 0.2 --seed $$seed --out $(XD)/choose/$${name}_$$seed | grep "^holdout"; \

@@ -198,9 +198,9 @@ def draw_reliability(logits, labels, temperature, path):
         print("matplotlib is not installed: no reliability diagram (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(4, 4))
-    centres = (torch.arange(15) + 0.5) / 15
     for name, t in (("raw", 1.0), (f"T = {temperature:.2f}", temperature)):
         count, _, correct = reliability_bins((logits / t).softmax(1), labels)
+        centres = (torch.arange(len(count)) + 0.5) / len(count)   # the bins' middles
         used = count > 0   # an empty bin has no accuracy
         ax.plot(centres[used], correct[used] / count[used], "o-", label=name)
     ax.plot([0, 1], [0, 1], "k:", label="calibrated")

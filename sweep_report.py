@@ -536,8 +536,8 @@ def audit_note(audited):
             f"positive {audited.get('logit_map')} logit map, upsampled, inside the mask (a uniform "
             "map scores the mask area).")
 
-def result_lines(maskers, classifiers, stats):
-    """results.md's tables, each under its heading."""
+def result_lines(maskers, classifiers, stats, primary):
+    """results.md's tables, each under its heading (primary: primary_tests' rows)."""
     support = (classifiers or [{}])[0].get("support", {})   # the classes, as the first run has them
     per_class = [(f"{c} (n={n}) error %", ("per_class_error", c), 100, 1)
                  for c, n in support.items()]
@@ -551,7 +551,7 @@ def result_lines(maskers, classifiers, stats):
         f"Fixed before the runs: the modes {', '.join(PRIMARY)} (those the sweep ran) minus "
         "`nomask`, paired by seed, paired t, Holm-corrected over those modes. Every other "
         "comparison below is exploratory (uncorrected).", "",
-        primary_table(primary_tests(stats)), "",
+        primary_table(primary), "",
         "## Mask settings vs the controls, paired by seed (exploratory)", "",
         PAIRED_NOTE, "",
         paired_tables(stats), "",
@@ -565,8 +565,9 @@ def result_lines(maskers, classifiers, stats):
 def report(out, cfg, maskers, classifiers, missing, figures):
     """results.md (set-up, missing runs, every table) and results.json; returns the markdown."""
     stats = [row for key, _ in PAIRED_METRICS for row in comparisons(classifiers, key)]
+    primary = primary_tests(stats)
     lines = setup_lines(out, cfg, maskers, classifiers, missing) + [""]
-    lines += result_lines(maskers, classifiers, stats)
+    lines += result_lines(maskers, classifiers, stats, primary)
     if figures:
         lines += ["## Figures", ""]
         lines += [f"- [{Path(f).name}]({Path(f).relative_to(out)})" for f in figures]
@@ -578,7 +579,7 @@ def report(out, cfg, maskers, classifiers, missing, figures):
         "missing": missing,
         "figures": list(map(str, figures)),
         "maskers": maskers,
-        "stats": {"paired": stats, "primary": primary_tests(stats)},
+        "stats": {"paired": stats, "primary": primary},
         "classifiers": classifiers,
     }
     save_json(record, out / "results.json")
