@@ -387,7 +387,6 @@ def main(argv=None):
         model, ckpt = models["masker"]
         masks, score = predict_masks(model, ckpt, paths, names, folder, decode, stage,
                                      args.adapt_bn, args.batch_size, device, autocast, args.tta)
-
         if score:
             scores["masker"] = score
     # 2. classes
@@ -404,12 +403,13 @@ def main(argv=None):
             scores["classifier"] = score
     # 3. report
     replace_outputs(out, stage, rows, scores)
-    report(scores, rows, "masker" in models, out, time.perf_counter() - start)
+    report(scores, rows, "masker" in models, out, time.perf_counter() - start, args.review_below)
     return scores
 
 
-def report(scores, rows, masked, out, seconds):
-    """The scores, one line a model, and what was written."""
+def report(scores, rows, masked, out, seconds, review_below):
+    """The scores, one line a model, how many images --review-below flagged, and what was
+    written."""
     for kind, metrics in scores.items():
         if kind == "classifier":
             print(f"classifier: accuracy {100 * metrics['accuracy']:.2f}% | "
@@ -421,9 +421,10 @@ def report(scores, rows, masked, out, seconds):
     wrote = []
     if rows:
         wrote.append("predictions.csv")
+    if rows and review_below:   # without the flag no image is ever flagged
         flagged = sum(row["review"] == "yes" for row in rows)
         print(f"{flagged} of {len(rows)} image(s) flagged for review (top probability below "
-              f"--review-below)")
+              f"{review_below:g})")
     if masked:
         wrote += ["masks/", "overlays/"]
     if scores:

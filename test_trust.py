@@ -176,7 +176,7 @@ def test_holdout_temperature_is_stored_and_applied(holdout_run, tmp_path):
     assert figure.stat().st_size > 0
 
 
-def test_predict_applies_the_temperature_and_flags_unsure_images(holdout_run, tmp_path):
+def test_predict_applies_the_temperature_and_flags_unsure_images(holdout_run, tmp_path, capsys):
     root, out, _, _, _ = holdout_run
     ckpt = load_checkpoint(out / "checkpoint.pt")
     hot = tmp_path / "hot.pt"
@@ -189,12 +189,14 @@ def test_predict_applies_the_temperature_and_flags_unsure_images(holdout_run, tm
     assert len(rows) == 4
     assert all(float(r["A"]) == pytest.approx(0.5, abs=1e-3) for r in rows)
     assert all(r["review"] == "yes" for r in rows)      # top probability 0.5 < 0.6
+    assert "4 of 4 image(s) flagged for review (top probability below 0.6)" in capsys.readouterr().out
     predict.main([str(val), "--classifier", str(out / "checkpoint.pt"), "--review-below", "0",
                   "--out", str(tmp_path / "pred")])
     with open(tmp_path / "pred" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert all(float(r["A"]) + float(r["B"]) == pytest.approx(1, abs=1e-3) for r in rows)
     assert all(r["review"] == "" for r in rows)         # 0: nothing is below it
+    assert "flagged" not in capsys.readouterr().out     # no --review-below: no review to report
 
 
 def test_a_holdout_too_small_to_hold_an_image_is_refused(tmp_path):
