@@ -414,13 +414,14 @@ def load_data(args, device):
     n_full = len(image_keys(wbc_100)) or len(train)   # the images the loader reads
     epochs = 1 if args.dry_run else max(1, round(args.epochs * n_full / len(train)))
     held = None
+    n_held = 0
     if args.holdout:   # after the epochs rule: a held-out share does not lengthen the run
         train, held = hold_out(train, args.holdout, args.seed)
-    if held is not None and len(held) == 0:   # no temperature to fit, no score to choose on
+        n_held = len(held)
+    if args.holdout and n_held == 0:   # no temperature to fit, no score to choose on
         raise DataError(f"{dirs['train_data']}: --holdout {args.holdout} holds out no image")
     counts = torch.bincount(train.labels, minlength=len(train.classes)).tolist()
     class_w = class_weights(counts).to(device) if args.balance else None
-    n_held = 0 if held is None else len(held)
     print(f"train {len(train)} images {dict(zip(train.classes, counts))} | holdout {n_held} | "
           f"val {len(val)} | {epochs} epochs")
     if need_masks:
