@@ -158,3 +158,18 @@ def test_card_as_a_whole_is_light_and_small():
     lines = sum(n for _, n in counts)
     assert tokens / lines <= 9.5, f"design card: {tokens / lines:.2f} code tokens per code line (at most 9.5)"
     assert tokens <= CARD_TOKENS, f"design card: {tokens} code tokens (at most {CARD_TOKENS:,})"
+
+
+def test_readme_file_table_counts_the_lines_there_are():
+    """The README's reader's path gives each file's length: a stale count misleads the reader."""
+    rows = [line for line in (HERE / "README.md").read_text().splitlines() if line.startswith("| `")]
+    checked = 0
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        names = [name for name in cells[0].split("`") if name.endswith(".py")]
+        if not names or not cells[1].isdigit():
+            continue
+        lines = sum(len((HERE / name).read_text().splitlines()) for name in names)
+        assert int(cells[1]) == lines, f"README: {', '.join(names)} has {lines} lines, the table says {cells[1]}"
+        checked += 1
+    assert checked >= 10, f"README: only {checked} rows of the file table found"
