@@ -17,8 +17,8 @@ import torch
 
 from data import (DataError, decode_all, guide_for, infer, load_checkpoint, load_set,
                   resize_masks, save_json, scan_folder)
-from losses import (calibration, classification_metrics, confusion_matrix, mask_counts,
-                    mask_metrics, mean_image_dice, reliability_bins)
+from losses import (classifier_scores, mask_counts, mask_metrics, mean_image_dice,
+                    reliability_bins)
 from resnet_cls import ResNetClassifier
 from unet import UNet
 
@@ -131,16 +131,14 @@ def evaluate_classifier(model, ckpt, folder, size, autocast, args):
     guide = guide_for(mask_mode, size)
     logits = infer(model, data.images, data.masks, args.batch_size, args.device, autocast,
                    channel, white, guide, args.tta)               # (N, C)
-    confusion = confusion_matrix(data.labels, logits.argmax(1), len(classes))
-    metrics = classification_metrics(confusion, classes)
     temperature = ckpt.get("temperature", 1.0)   # fitted on the run's --holdout (1: none)
-    calibrated = calibration(logits, data.labels, temperature)
+    metrics = classifier_scores(logits, data.labels, classes, temperature)
     print(f"{args.checkpoint} on {folder} ({len(data)} images)")
-    print_calibration(calibrated)
+    print_calibration(metrics["calibration"])
     print_classification(metrics, classes)   # the confusion matrix last: it ends the output
     if args.reliability:
         draw_reliability(logits, data.labels, temperature, args.reliability)
-    return metrics | {"data": str(folder), "tta": args.tta, "calibration": calibrated}
+    return metrics | {"data": str(folder), "tta": args.tta}
 
 
 def draw_masks(masker_path, paths, size, autocast, args):

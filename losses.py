@@ -10,6 +10,7 @@ Baselines: bce (plain BCE), weighted_ce (CE of the pooled logits), class_weights
 --balance).
 Metrics: confusion_matrix, classification_metrics, mask_counts, mask_metrics, mean_image_dice.
 Guidance and audit: rrr_penalty, cohen_kappa. Calibration: fit_temperature, calibration_metrics.
+A classifier's whole score (train_classifier.py, evaluate.py): classifier_scores.
 """
 import math
 
@@ -312,3 +313,12 @@ def calibration(logits, labels, temperature):
     before = calibration_metrics(logits.softmax(1), labels)
     after = calibration_metrics((logits / temperature).softmax(1), labels)
     return {"temperature": temperature, "before": before, "after": after}
+
+
+def classifier_scores(logits, labels, classes, temperature):
+    """classification_metrics of logits (N, C) against labels (N,), with their calibration before
+    and after `temperature` (key "calibration")."""
+    confusion = confusion_matrix(labels, logits.argmax(1), len(classes))
+    metrics = classification_metrics(confusion, classes)
+    metrics["calibration"] = calibration(logits, labels, temperature)
+    return metrics

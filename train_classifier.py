@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from data import (SPLITS, DataError, batch_indices, check_no_leakage, claim_folder, grow_mask,
                   grow_px, guide_for, image_keys, infer, load_checkpoint, load_set, make_batch,
                   save_checkpoint, save_csv, save_json, wbc_dirs)
-from losses import (calibration, check_alpha, class_weights, classification_metrics,
-                    confusion_matrix, fit_temperature, mask_weighted_ce, rrr_penalty, weighted_ce)
+from losses import (check_alpha, class_weights, classifier_scores, fit_temperature,
+                    mask_weighted_ce, rrr_penalty, weighted_ce)
 from resnet_cls import build_classifier, resnet34_state_dict
 
 RANK = int(os.environ.get("RANK", 0))   # torchrun sets both
@@ -449,14 +449,6 @@ def validate(model, val, channel, device, autocast, args):
     accuracy = (logits.argmax(1) == val.labels).float().mean().item()
     return loss, accuracy, logits
 
-def scores(logits, labels, classes, temperature):
-    """classification_metrics of logits (N, C) against labels (N,), with their calibration before
-    and after `temperature`."""
-    confusion = confusion_matrix(labels, logits.argmax(1), len(classes))
-    metrics = classification_metrics(confusion, classes)
-    metrics["calibration"] = calibration(logits, labels, temperature)
-    return metrics
-
 def score_holdout(model, held, channel, device, autocast, args):
     """(the holdout's scores, printed, and the temperature fitted on its logits); ({}, 1.0)
     without --holdout."""
@@ -464,7 +456,7 @@ def score_holdout(model, held, channel, device, autocast, args):
         return {}, 1.0
     _, _, logits = validate(model, held, channel, device, autocast, args)
     temperature = fit_temperature(logits, held.labels)
-    metrics = scores(logits, held.labels, held.classes, temperature)
+    metrics = classifier_scores(logits, held.labels, held.classes, temperature)
     print(f"holdout accuracy {metrics['accuracy']:.2%} | balanced "
           f"{metrics['balanced_accuracy']:.2%} | temperature {temperature:.3f}")
     return metrics, temperature
@@ -565,7 +557,7 @@ def main(argv=None):
 
     # 5. report: the holdout's scores and temperature, then val's, in the finished checkpoint
     holdout, temperature = score_holdout(model, held, channel, device, autocast, args)
-    metrics = scores(val_logits, val.labels, train.classes, temperature)
+    metrics = classifier_scores(val_logits, val.labels, train.classes, temperature)
     metrics.update(split=args.split, setting=setting_name(args), epochs=epochs,
                    train_images=len(train), seconds=time.perf_counter() - started, amp=args.amp,
                    holdout=holdout)
