@@ -316,10 +316,10 @@ def our_loop(name, root, work, args, setting=None):
            "--amp", args.amp,
            "--cache", str(Path(work, "cache")),
            "--out", str(out)]
-    if name == "classifier" and not setting:
-        cmd += ["--masks", str(Path(work, "no_masks"))]   # none there: the ground truth only
     if setting:   # input and crop read val masks as a masker draws them: the ground truth's copy
         cmd += ["--masks", str(Path(work, "gt_masks"))]
+    elif name == "classifier":
+        cmd += ["--masks", str(Path(work, "no_masks"))]   # none there: the ground truth only
     if args.device.type == "cuda":
         torch.cuda.empty_cache()   # our cached blocks would crowd the trainer's GPU memory
     # cwd: nothing lands in the user's runs/
